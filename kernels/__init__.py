@@ -1,0 +1,1 @@
+"""Triton decode kernels and their torch references."""
