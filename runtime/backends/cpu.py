@@ -1,0 +1,150 @@
+"""CPU backend: device tensors are plain CPU tensors, a copy thread stands in for the copy stream and
+threading events for CUDA events. It runs the same streaming and swap logic as the CUDA backend, so that
+logic is exercised (and its overlap observable) on machines without a GPU."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from typing import Callable, Sequence
+
+import torch
+
+from .. import native
+from ..errors import TransferError
+from .base import Backend, Event, Stall, Transfer
+
+
+class CpuEvent(Event):
+    __slots__ = ("_flag", "error")
+
+    def __init__(self, done: bool = False):
+        self._flag = threading.Event()
+        self.error: BaseException | None = None
+        if done:
+            self._flag.set()
+
+    def set(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self._flag.set()
+
+    def wait(self) -> None:
+        self._flag.wait()
+        if self.error is not None:
+            raise TransferError(f"copy failed: {self.error!r}") from self.error
+
+    def done(self) -> bool:
+        return self._flag.is_set()
+
+
+class CpuTransfer(CpuEvent, Transfer):
+    __slots__ = ("nbytes", "start", "end")
+
+    def __init__(self, nbytes: int):
+        super().__init__()
+        self.nbytes = nbytes
+        self.start = self.end = 0.0
+
+    def seconds(self) -> float:
+        self.wait()
+        return self.end - self.start
+
+    def interval(self) -> tuple[float, float]:
+        self.wait()
+        return self.start, self.end
+
+
+class CpuStall(Stall):
+    __slots__ = ("_seconds",)
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+
+    def ready(self) -> bool:
+        return True
+
+    def seconds(self) -> float:
+        return self._seconds
+
+
+_STOP = object()
+
+
+def _copy_worker(jobs: queue.SimpleQueue) -> None:
+    while True:
+        job = jobs.get()
+        if job is _STOP:
+            return
+        fn, after, transfer = job
+        error = None
+        for ev in after:
+            ev._flag.wait()
+            if ev.error is not None:  # what this work depends on failed: it must not run on stale data
+                error = TransferError(f"a transfer this one waits for failed: {ev.error!r}")
+        transfer.start = time.perf_counter()
+        if error is None:
+            try:
+                fn()
+            except BaseException as exc:  # reported through the event, re-raised by whoever waits on it
+                error = exc
+        transfer.end = time.perf_counter()
+        transfer.set(error)
+
+
+def _stop_worker(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
+    if thread.is_alive():
+        jobs.put(_STOP)
+        thread.join()
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_copy_worker, args=(self._jobs,), name="tidal-copy", daemon=True)
+        self._thread.start()
+        self._last: CpuTransfer | None = None
+        # Runs at close, garbage collection or interpreter exit: a daemon thread still inside a copy when the
+        # interpreter tears down would be killed mid-call.
+        self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._thread)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release_host_buffer(self, buf: torch.Tensor) -> None:
+        pass
+
+    def record(self) -> Event:
+        return CpuEvent(done=True)  # compute runs synchronously in the caller's thread
+
+    def wait_for(self, event: Event) -> Stall:
+        t0 = time.perf_counter()
+        event.wait()
+        return CpuStall(time.perf_counter() - t0)
+
+    def submit(self, fn: Callable[[], None], nbytes: int, after: Sequence[Event] = ()) -> Transfer:
+        if not self._thread.is_alive():
+            raise TransferError("the CPU backend's copy thread is closed")
+        transfer = CpuTransfer(nbytes)
+        self._jobs.put((fn, tuple(after), transfer))
+        self._last = transfer
+        return transfer
+
+    def _copy_now(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        if all(d.is_contiguous() and s.is_contiguous() and d.dtype == s.dtype for d, s in zip(dst, src)):
+            native.copy_spans(dst, src)  # one call for the whole batch, GIL released
+            return
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    def synchronize(self) -> None:
+        last = self._last
+        if last is not None:
+            last._flag.wait()
+
+    def close(self) -> None:
+        self.synchronize()
+        self._finalizer()
