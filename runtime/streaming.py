@@ -78,7 +78,8 @@ class LayerStreamer:
         slot_bytes = max((l.nbytes for l in layers.values()), default=0)
         num_slots = min(prefetch_depth + 1, len(layers))
         self.slots = [_Slot(backend.empty(slot_bytes)) for _ in range(num_slots)]
-        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (slot, layer) -> tensor views
+        self._dst: dict[tuple[int, int], torch.Tensor] = {}  # (slot, layer) -> the bytes a copy fills
         self._step: _Step | None = None
         self.history: collections.deque[_Step] = collections.deque(maxlen=history)
         self._unfolded: collections.deque[_Step] = collections.deque()  # ended, not yet in self.total
@@ -158,7 +159,10 @@ class LayerStreamer:
             return None
         slot, src = self.slots[victim], self.layers[layer]
         after = (slot.released,) if slot.released is not None else ()
-        slot.copy = self.backend.copy([slot.buffer[:src.nbytes]], [src.host], after=after)
+        dst = self._dst.get((victim, layer))
+        if dst is None:
+            dst = self._dst[(victim, layer)] = slot.buffer[:src.nbytes]
+        slot.copy = self.backend.copy([dst], [src.host], after=after)
         slot.layer = layer
         step.stats.copies += 1
         step.stats.bytes_streamed += src.nbytes
@@ -208,3 +212,4 @@ class LayerStreamer:
         self.summary()
         self.slots = []
         self._views.clear()
+        self._dst.clear()
