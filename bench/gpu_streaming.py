@@ -13,6 +13,8 @@ from tidal.report import format_table
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                     max_position_embeddings=4096)
+QUICK_SHAPE = dict(LLAMA_3_2_1B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1024)  # --quick: a smoke run of the same code
 FRACTIONS = [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
@@ -32,11 +34,16 @@ def pinned_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return res
 
 
-def _model(device):
+def _model(device, shape):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_3_2_1B), dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16).eval()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _decode_step_time(model, device, budget_s: float, context: int = 128) -> float:
@@ -52,17 +59,19 @@ def _decode_step_time(model, device, budget_s: float, context: int = 128) -> flo
         cache = DynamicCache()
         for i, layer in enumerate(prefix.layers):
             cache.update(layer.keys, layer.values, i)
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model(token, past_key_values=cache, position_ids=pos, use_cache=True)
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
 def run(ctx) -> dict:
-    bw = pinned_bandwidth(ctx.device)
+    shape = QUICK_SHAPE if ctx.quick else LLAMA_3_2_1B
+    layers = shape["num_hidden_layers"]
+    bw = pinned_bandwidth(ctx.device, nbytes=(64 << 20) if ctx.quick else (1 << 30))
     ctx.log(f"pinned copy: {bw['h2d_gbps']:.1f} GB/s H2D, {bw['d2h_gbps']:.1f} GB/s D2H")
     fractions = [1.0, 0.0] if ctx.quick else FRACTIONS
     per_run = max(1.0, (ctx.seconds_left() - 20) / (2 * len(fractions)) - 3)
@@ -72,8 +81,8 @@ def run(ctx) -> dict:
             if ctx.seconds_left() < 15:
                 ctx.log("time budget spent; stopping early")
                 break
-            model = _model("cpu" if kind == "accelerate" and fraction < 1 else ctx.device)
-            streamed = tidal.ResidencyPlan.from_fraction(16, fraction).streamed_layers
+            model = _model("cpu" if kind == "accelerate" and fraction < 1 else ctx.device, shape)
+            streamed = tidal.ResidencyPlan.from_fraction(layers, fraction).streamed_layers
             if kind == "tidal":
                 tidal.offload(model, resident_fraction=fraction, prefetch_depth=2, device=ctx.device)
             else:
@@ -91,8 +100,9 @@ def run(ctx) -> dict:
             rows.append([kind, fraction, r["step_ms"], r["tok_s"], r.get("mb_per_token", ""), r.get("stall_ms", ""),
                          r.get("bound_ms", ""), r["vs_resident"] or ""])
             del model
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     table = (f"pinned H2D {bw['h2d_gbps']:.1f} GB/s, D2H {bw['d2h_gbps']:.1f} GB/s\n" +
              format_table(["impl", "resident", "step ms", "tok/s", "MB/token", "stall ms", "link bound ms",
                            "x resident"], rows))
-    return {"bandwidth": bw, "decode": results, "table": table}
+    return {"model": shape, "bandwidth": bw, "decode": results, "table": table}
