@@ -177,3 +177,17 @@ def test_streamed_parameters_survive_generate_unchanged(device):
     greedy(model, torch.randint(1, 128, (1, 4), device=device), 3)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(p.cpu(), q.cpu()), name  # host copies are never written by streaming
+
+
+def test_inference_mode_and_no_grad_mix(device):
+    ref = make_model("llama", device=device)
+    model = tidal.offload(twin(ref), resident_fraction=0.0, prefetch_depth=1, device=device)
+    ids = torch.randint(1, 128, (1, 5), device=device)
+    with torch.no_grad():
+        want = ref(ids).logits
+    with torch.inference_mode():  # slot views are first made here ...
+        assert torch.equal(model(ids).logits, want)
+    with torch.no_grad():  # ... and reused here
+        assert torch.equal(model(ids).logits, want)
+    tidal.restore(model)
+    assert not any(p.is_inference() for p in model.parameters())
