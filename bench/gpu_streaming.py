@@ -6,8 +6,8 @@ import time
 import torch
 
 import tidal
-from tidal.backends import make_backend
 from tidal.baselines import accelerate_offload
+from tidal.measure import copy_bandwidth
 from tidal.report import format_table
 
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -16,22 +16,6 @@ LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=
 QUICK_SHAPE = dict(LLAMA_3_2_1B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=1024)  # --quick: a smoke run of the same code
 FRACTIONS = [1.0, 0.75, 0.5, 0.25, 0.0]
-
-
-def pinned_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 5) -> dict:
-    """Host-to-device and device-to-host GB/s from one cudaHostRegister'd buffer, median of `reps`."""
-    be = make_backend(device)
-    host, dev = be.host_buffer(nbytes), be.empty(nbytes)
-    host.fill_(1)
-    res = {}
-    for name, dst, src in (("h2d_gbps", dev, host), ("d2h_gbps", host, dev)):
-        times = []
-        for _ in range(reps):
-            t = be.copy([dst], [src])
-            times.append(t.seconds())
-        res[name] = nbytes / statistics.median(times) / 1e9
-    be.release_host_buffer(host)
-    return res
 
 
 def _model(device, shape):
@@ -71,7 +55,7 @@ def _decode_step_time(model, device, budget_s: float, context: int = 128) -> flo
 def run(ctx) -> dict:
     shape = QUICK_SHAPE if ctx.quick else LLAMA_3_2_1B
     layers = shape["num_hidden_layers"]
-    bw = pinned_bandwidth(ctx.device, nbytes=(64 << 20) if ctx.quick else (1 << 30))
+    bw = copy_bandwidth(ctx.device, nbytes=(64 << 20) if ctx.quick else (1 << 30))
     ctx.log(f"pinned copy: {bw['h2d_gbps']:.1f} GB/s H2D, {bw['d2h_gbps']:.1f} GB/s D2H")
     fractions = [1.0, 0.0] if ctx.quick else FRACTIONS
     per_run = max(1.0, (ctx.seconds_left() - 20) / (2 * len(fractions)) - 3)

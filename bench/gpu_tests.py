@@ -1,11 +1,13 @@
-"""gpu_check section "tests": the streaming and backend tests, run with the CUDA backend."""
+"""gpu_check section "tests": the suite's device-facing tests (streaming, backends, KV cache) with
+TIDAL_TEST_DEVICE set to the checked device; tests that take the `device` fixture run there."""
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["tests/test_offload.py", "tests/test_backends.py", "tests/test_plan.py", "tests/test_native.py"]
+TESTS = ["tests/test_offload.py", "tests/test_backends.py", "tests/test_plan.py", "tests/test_native.py",
+         "tests/test_kv_cache.py", "tests/test_kv_support.py", "tests/test_kv_random.py"]
 
 
 def run(ctx) -> dict:

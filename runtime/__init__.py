@@ -1,17 +1,19 @@
 """tidal: an offload and preemption runtime for LLM inference.
 
 `tidal.offload(model, ...)` streams a transformers model's decoder layers; `tidal.stats(model)` reports on it;
-`tidal.restore(model)` undoes it. `tidal.native.path()` names the host-copy path in use.
+`tidal.restore(model)` undoes it. `tidal.PagedKVCache` holds a paged KV cache that swaps to host memory.
+`tidal.native.path()` names the host-copy path in use.
 """
 from . import errors, native
 from .backends import make_backend
 from .config import OffloadConfig
+from .kv import BlockAllocator, PagedKVCache
 from .offload import OffloadStats, find_decoder_layers, is_offloaded, offload, restore, stats
 from .plan import ResidencyPlan
 from .streaming import LayerStreamer, StepStats, StreamedLayer
 
 __version__ = "0.1.0"
 
-__all__ = ["errors", "native", "make_backend", "OffloadConfig", "OffloadStats", "find_decoder_layers",
+__all__ = ["errors", "native", "make_backend", "OffloadConfig", "BlockAllocator", "PagedKVCache", "OffloadStats", "find_decoder_layers",
            "is_offloaded", "offload", "restore", "stats", "ResidencyPlan", "LayerStreamer", "StepStats",
            "StreamedLayer"]
