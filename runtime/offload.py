@@ -17,7 +17,7 @@ from . import native
 from .arena import HostArena, align_up, layout
 from .backends import Backend, make_backend, resolve_device
 from .config import OffloadConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutOfDeviceMemory
 from .plan import ResidencyPlan
 from .streaming import LayerStreamer, StepStats, StreamedLayer
 
@@ -73,6 +73,7 @@ class _State:
     streamer: LayerStreamer
     params: dict[int, list[nn.Parameter]]  # streamed layer -> its parameters, in region order
     host_views: dict[int, list[torch.Tensor]]
+    requires_grad: dict[int, list[bool]]  # as they were before offload, for restore
     wrapped: list[nn.Module]
     hooks: list
 
@@ -105,9 +106,39 @@ def offload(model: nn.Module, resident_fraction: float = 1.0, resident_layers=No
     backend = make_backend(target)
     streamed = plan.streamed_layers
     regions = {i: layout([(tuple(p.shape), p.dtype) for p in layer_params[i]]) for i in streamed}
-    arena = HostArena(backend, sum(align_up(size) for _, size in regions.values())) if streamed else None
 
-    # From here on the model changes: nothing below fails on user input.
+    # From here on the model changes. A failure (an allocation, say) puts every tensor back as it was.
+    params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m.named_buffers(recurse=False)]
+    arena = None
+    try:
+        if streamed:
+            arena = HostArena(backend, sum(align_up(size) for _, size in regions.values()))
+        state = _install(model, config, backend, plan, arena, layer_params, regions, target)
+    except BaseException as exc:
+        for p, data, grad in params:
+            p.data = data
+            p.requires_grad_(grad)
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        if arena is not None:
+            arena.release()
+        backend.close()
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise OutOfDeviceMemory(f"offload: {target} ran out of memory placing {plan}: {exc}") from exc
+        raise
+    setattr(model, _ATTR, state)
+    return model
+
+
+def _install(model, config, backend, plan, arena, layer_params, regions, target) -> "_State":
+    streamed = plan.streamed_layers
+    specs = {}
+    for i in streamed:
+        slots, size = regions[i]
+        specs[i] = StreamedLayer(i, arena.alloc(size), tuple(slots))
+    # the ring first: the largest device allocation, made before any parameter moves
+    streamer = LayerStreamer(backend, plan, specs, config.prefetch_depth, record_timeline=config.record_timeline)
     streamed_ids = {id(p) for i in streamed for p in layer_params[i]}
     for p in model.parameters():
         if id(p) not in streamed_ids:
@@ -115,26 +146,23 @@ def offload(model: nn.Module, resident_fraction: float = 1.0, resident_layers=No
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             module._buffers[name] = buf.to(target)
-
-    specs, host_views = {}, {}
+    host_views, grads = {}, {}
     for i in streamed:
-        slots, size = regions[i]
-        region = arena.alloc(size)
-        views = [s.view(region) for s in slots]
+        views = [s.view(specs[i].host) for s in specs[i].tensors]
         _pack(views, layer_params[i])
+        grads[i] = [p.requires_grad for p in layer_params[i]]
         for p, v in zip(layer_params[i], views):
             p.data = v
             p.requires_grad_(False)
-        specs[i], host_views[i] = StreamedLayer(i, region, tuple(slots)), views
-    streamer = LayerStreamer(backend, plan, specs, config.prefetch_depth, record_timeline=config.record_timeline)
+        host_views[i] = views
     state = _State(config, backend, plan, arena, streamer, {i: layer_params[i] for i in streamed}, host_views,
-                   [], [])
+                   grads, [], [])
+    layers = find_decoder_layers(model)
     for i in streamed:
         _wrap_layer(layers[i], i, state)
     state.hooks.append(model.register_forward_pre_hook(lambda m, a: streamer.begin_step()))
     state.hooks.append(model.register_forward_hook(lambda m, a, o: streamer.end_step()))
-    setattr(model, _ATTR, state)
-    return model
+    return state
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -143,9 +171,9 @@ def restore(model: nn.Module) -> nn.Module:
     state.streamer.close()
     target = state.backend.device
     for i, params in state.params.items():
-        for p in params:
+        for p, grad in zip(params, state.requires_grad[i]):
             p.data = p.data.to(target, copy=True)  # own storage, so the arena can go
-            p.requires_grad_(True)
+            p.requires_grad_(grad)
     for module in state.wrapped:
         del module.forward  # the instance attribute; the class's forward shows through again
     for h in state.hooks:

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -191,3 +193,49 @@ def test_inference_mode_and_no_grad_mix(device):
         assert torch.equal(model(ids).logits, want)
     tidal.restore(model)
     assert not any(p.is_inference() for p in model.parameters())
+
+
+def test_a_device_allocation_failure_leaves_the_model_untouched(monkeypatch):
+    offload_module = importlib.import_module("tidal.offload")  # the module; tidal.offload is the function
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected: no room for the ring")
+
+    ref = make_model("llama")
+    model = twin(ref)
+    monkeypatch.setattr(offload_module, "LayerStreamer", out_of_memory)
+    with pytest.raises(tidal.errors.OutOfDeviceMemory, match="ran out of memory placing ResidencyPlan"):
+        tidal.offload(model, resident_fraction=0.5)
+    _untouched(model, ref)
+
+
+def test_a_failure_while_packing_puts_every_tensor_back(monkeypatch):
+    offload_module = importlib.import_module("tidal.offload")  # the module; tidal.offload is the function
+
+    real_pack, calls = offload_module._pack, []
+
+    def pack_then_fail(dst, params):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected: host copy failed")
+        real_pack(dst, params)
+
+    ref = make_model("qwen2")
+    model = twin(ref)
+    monkeypatch.setattr(offload_module, "_pack", pack_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        tidal.offload(model, resident_fraction=0.0)
+    _untouched(model, ref)
+    monkeypatch.setattr(offload_module, "_pack", real_pack)
+    tidal.offload(model, resident_fraction=0.0)  # and it can still be offloaded
+    ids = torch.randint(1, 128, (1, 5))
+    assert torch.equal(greedy(model, ids, 3), greedy(ref, ids, 3))
+
+
+def test_restore_keeps_each_parameters_requires_grad():
+    model = make_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    tidal.offload(model, resident_fraction=0.0)
+    tidal.restore(model)
+    assert not model.model.layers[1].mlp.up_proj.weight.requires_grad
+    assert model.model.layers[1].mlp.down_proj.weight.requires_grad
