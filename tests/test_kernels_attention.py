@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from kernels_util import TOL, kernel_device, rel_err, triton_interpreter  # noqa: F401 (autouse fixture)
+import tidal.kernels as K
+from tidal.errors import ShapeError
+
+# (dtype, head_dim, block_size, num_heads, num_kv_heads): every head_dim, block size, dtype and a GQA group of
+# 1, 3 (not a power of two), 4 and 8 appear at least once
+CONFIGS = [
+    (torch.float32, 64, 8, 4, 4),
+    (torch.float16, 80, 16, 8, 2),
+    (torch.bfloat16, 128, 8, 8, 1),
+    (torch.float32, 80, 16, 12, 4),
+    (torch.bfloat16, 64, 16, 12, 4),
+    (torch.float16, 128, 8, 4, 1),
+]
+
+
+def make_case(dtype, head_dim, block_size, num_heads, num_kv_heads, lens, device):
+    """Random q and paged K/V with shuffled block tables; every block no sequence uses, and every padded
+    table entry, holds NaN, so reading past a sequence's end poisons the output."""
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in lens]
+    max_blocks = max(blocks_per_seq) + 2
+    num_blocks = sum(blocks_per_seq) + 5
+    perm = torch.randperm(num_blocks)
+    nan_block = int(perm[-1])
+    tables = torch.full((len(lens), max_blocks), nan_block, dtype=torch.int32)
+    k = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    v = torch.full_like(k, float("nan"))
+    used = 0
+    for b, nb in enumerate(blocks_per_seq):
+        ids = perm[used:used + nb]
+        used += nb
+        tables[b, :nb] = ids.to(torch.int32)
+        k[ids] = torch.randn(nb, block_size, num_kv_heads, head_dim).to(dtype)
+        v[ids] = torch.randn(nb, block_size, num_kv_heads, head_dim).to(dtype)
+    q = torch.randn(len(lens), num_heads, head_dim).to(dtype)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(k), to(v), to(tables), to(torch.tensor(lens, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype, head_dim, block_size, num_heads, num_kv_heads", CONFIGS)
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_paged_decode_matches_float64(dtype, head_dim, block_size, num_heads, num_kv_heads, num_splits):
+    device = kernel_device()
+    bs = block_size
+    for lens in ([1, bs - 1, bs, bs + 1, 301, 2 * bs + 3, 5], [bs + 1]):
+        q, k, v, tables, seq_lens = make_case(dtype, head_dim, bs, num_heads, num_kv_heads, lens, device)
+        out = torch.full_like(q, float("nan"))
+        got = K.paged_decode_attention(q, k, v, tables, seq_lens, out=out, num_splits=num_splits)
+        assert got is out and got.dtype == dtype
+        want = K.reference.paged_decode_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                  tables.cpu(), seq_lens.cpu(), head_dim ** -0.5,
+                                                  compute_dtype=torch.float64)
+        assert torch.isfinite(got).all()
+        assert rel_err(got.cpu(), want) <= TOL[dtype], (lens, num_splits)
+
+
+def test_path_and_split_choice():
+    assert K.path_for(torch.empty(1)) in ("triton-interpreter", "reference")
+    assert K.choose_num_splits(batch=64, num_kv_heads=8, max_blocks=256, num_sms=132) == 1
+    assert K.choose_num_splits(batch=1, num_kv_heads=8, max_blocks=2048, num_sms=132) == 33
+    assert K.choose_num_splits(batch=1, num_kv_heads=8, max_blocks=8, num_sms=132) == 2  # >= 4 blocks each
+    assert K.choose_num_splits(batch=1, num_kv_heads=1, max_blocks=10**6, num_sms=132) == K.MAX_SPLITS
+
+
+def test_scale_and_out_defaults():
+    q, k, v, tables, lens = make_case(torch.float32, 64, 8, 4, 2, [13, 3], kernel_device())
+    a = K.paged_decode_attention(q, k, v, tables, lens)
+    b = K.paged_decode_attention(q, k, v, tables, lens, scale=0.125)  # 64 ** -0.5
+    assert torch.equal(a, b)
+    c = K.paged_decode_attention(q, k, v, tables, lens, scale=0.3)
+    assert rel_err(c, a) > 1e-3  # the scale is used
+
+
+def _good():
+    return make_case(torch.float16, 64, 8, 8, 2, [9, 4], kernel_device())
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.update(q=a["q"].float()), "mismatched dtypes"),
+    (lambda a: a.update(q=a["q"][0]), "q must have 3 dims"),
+    (lambda a: a.update(k_cache=a["k_cache"][:, :, :1].contiguous()), "k_cache .* and v_cache .* differ"),
+    (lambda a: a.update(q=a["q"][:, :7]), "7 heads, not a multiple of k_cache's 2"),
+    (lambda a: a.update(seq_lens=torch.tensor([9, 33], dtype=torch.int32)), r"seq_lens\[1\]=33 outside"),
+    (lambda a: a.update(seq_lens=torch.tensor([0, 4], dtype=torch.int32)), r"seq_lens\[0\]=0"),
+    (lambda a: a.update(k_cache=a["k_cache"].transpose(0, 1).contiguous().transpose(0, 1),
+                        v_cache=a["v_cache"].transpose(0, 1).contiguous().transpose(0, 1)), "must be contiguous"),
+    (lambda a: a.update(block_tables=a["block_tables"].float()), "block_tables must be int32"),
+    (lambda a: a.update(block_tables=a["block_tables"][:1]), "batch 2"),
+    (lambda a: a.update(out=torch.empty(2, 8, 32, dtype=torch.float16)), "out must match q"),
+])
+def test_bad_input_names_the_argument(mutate, match):
+    q, k, v, tables, lens = _good()
+    args = dict(q=q, k_cache=k, v_cache=v, block_tables=tables, seq_lens=lens, out=None)
+    mutate(args)
+    with pytest.raises(ShapeError, match=match):
+        K.paged_decode_attention(**args)

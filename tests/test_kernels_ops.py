@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from kernels_util import TOL, kernel_device, rel_err, triton_interpreter  # noqa: F401 (autouse fixture)
+import tidal.kernels as K
+from tidal.errors import ShapeError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, block_size", [(64, 8), (80, 16), (128, 16)])
+def test_write_kv_scatters_exact_bytes(dtype, head_dim, block_size):
+    dev = kernel_device()
+    num_blocks, num_kv_heads, tokens = 9, 3, 23
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=dev)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(num_blocks * block_size)[:tokens].to(torch.int32)
+    slots[5] = K.PAD_SLOT_ID  # skipped
+    key = torch.randn(tokens, num_kv_heads, head_dim).to(dtype)
+    value = torch.randn(tokens, num_kv_heads, head_dim).to(dtype)
+    K.write_kv(key.to(dev), value.to(dev), k_cache, v_cache, slots.to(dev))
+    flat_k = k_cache.cpu().view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.cpu().view(-1, num_kv_heads, head_dim)
+    keep = slots >= 0
+    assert torch.equal(flat_k[slots[keep].long()], key[keep]) and torch.equal(flat_v[slots[keep].long()], value[keep])
+    untouched = torch.ones(len(flat_k), dtype=torch.bool)
+    untouched[slots[keep].long()] = False
+    assert torch.isnan(flat_k[untouched]).all() and torch.isnan(flat_v[untouched]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 80, 1000])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, hidden, with_residual):
+    dev = kernel_device()
+    x = torch.randn(5, 3, hidden).to(dtype)
+    w = torch.randn(hidden).to(dtype)
+    r = torch.randn(5, 3, hidden).to(dtype) if with_residual else None
+    got = K.rms_norm(x.to(dev), w.to(dev), 1e-6, None if r is None else r.to(dev))
+    want = K.reference.rms_norm(x.double(), w.double(), 1e-6, None if r is None else r.double(),
+                                compute_dtype=torch.float64)
+    if with_residual:
+        assert rel_err(got[0].cpu(), want[0]) <= TOL[dtype] and rel_err(got[1].cpu(), want[1]) <= TOL[dtype]
+    else:
+        assert got.dtype == dtype and rel_err(got.cpu(), want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, rot_dim", [(64, 64), (80, 80), (128, 64)])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_in_place(dtype, head_dim, rot_dim, is_neox):
+    dev = kernel_device()
+    tokens, heads, kv_heads, max_pos = 7, 6, 2, 50
+    inv = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    cache = torch.cat([angles.cos(), angles.sin()], -1)
+    pos = torch.randint(0, max_pos, (tokens,))
+    q, k = torch.randn(tokens, heads, head_dim).to(dtype), torch.randn(tokens, kv_heads, head_dim).to(dtype)
+    want_q, want_k = K.reference.rotary_embedding(pos, q.double(), k.double(), cache, is_neox)
+    gq, gk = q.to(dev), k.to(dev)
+    out_q, out_k = K.rotary_embedding(pos.to(dev), gq, gk, cache.float().to(dev), is_neox)
+    assert out_q is gq and out_k is gk  # in place
+    assert rel_err(gq.cpu(), want_q) <= TOL[dtype] and rel_err(gk.cpu(), want_k) <= TOL[dtype]
+    if rot_dim < head_dim:  # dims past rot_dim untouched
+        assert torch.equal(gq[..., rot_dim:].cpu(), q[..., rot_dim:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 80, 1500])
+def test_silu_and_mul(dtype, d):
+    x = torch.randn(4, 3, 2 * d).to(dtype)
+    got = K.silu_and_mul(x.to(kernel_device()))
+    want = K.reference.silu_and_mul(x.double(), compute_dtype=torch.float64)
+    assert got.shape == (4, 3, d) and rel_err(got.cpu(), want) <= TOL[dtype]
+
+
+def test_the_dispatcher_names_its_path(monkeypatch):
+    cpu = torch.empty(2)
+    if torch.cuda.is_available():
+        assert K.path_for(cpu.cuda()) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.path_for(cpu) == "triton-interpreter"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert K.path_for(cpu) == "reference"
+    x = torch.randn(3, 8)
+    assert torch.equal(K.silu_and_mul(x), K.reference.silu_and_mul(x))  # the reference path really runs
+
+
+def test_bad_input_to_the_small_ops():
+    with pytest.raises(ShapeError, match="weight"):
+        K.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(ShapeError, match="residual"):
+        K.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6, residual=torch.randn(2, 9))
+    with pytest.raises(ShapeError, match="even"):
+        K.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(ShapeError, match="slot_mapping must be int32"):
+        K.write_kv(torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4),
+                   torch.zeros(2))
+    with pytest.raises(ShapeError, match="do not agree"):
+        K.rotary_embedding(torch.zeros(3, dtype=torch.int64), torch.randn(3, 2, 8), torch.randn(3, 1, 8),
+                           torch.randn(10, 10))
+
+
+def test_kernel_tests_run_the_triton_kernels():
+    x = torch.randn(3, 8, device=kernel_device())
+    assert K.path_for(x) in ("triton", "triton-interpreter")
