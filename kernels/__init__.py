@@ -33,6 +33,23 @@ def path_for(t: torch.Tensor) -> str:
     return "reference"
 
 
+def _triton(name: str):
+    """Import a Triton kernel module, checking that Triton can run it on this path."""
+    import importlib
+
+    module = importlib.import_module(f"{__name__}.{name}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import triton.language as tl
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(tl.sum, JITFunction):  # Triton's library was defined before the variable was set
+            from tidal.errors import BackendError
+
+            raise BackendError("TRITON_INTERPRET=1 was set after Triton had been imported (torch._inductor "
+                               "imports it); set it before Python starts to run the kernels on CPU tensors")
+    return module
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> int:
     """Splits of the sequence so that batch x kv heads x splits programs fill about two waves of the device's
     multiprocessors, with at least MIN_BLOCKS_PER_SPLIT blocks in each split. Uses the block table's width,
@@ -69,8 +86,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if path_for(q) == "reference":
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
-    from . import attention
-
+    attention = _triton("attention")
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
@@ -99,7 +115,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     checks.contiguous("v_cache", v_cache)
     if path_for(key) == "reference":
         return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
-    from . import elementwise
+    elementwise = _triton("elementwise")
 
     key, value = (t if t[0:1].is_contiguous() and t.stride(1) == t.shape[2] else t.contiguous() for t in (key, value))
     elementwise.write_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -115,7 +131,7 @@ def rms_norm(x, weight, eps: float, residual=None):
         raise checks.ShapeError(f"residual {tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}")
     if path_for(x) == "reference":
         return reference.rms_norm(x, weight, eps, residual)
-    from . import elementwise
+    elementwise = _triton("elementwise")
 
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -143,7 +159,7 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool = True):
         raise checks.ShapeError(f"q and k need a unit stride in head_dim, got {q.stride()} and {k.stride()}")
     if path_for(q) == "reference":
         return reference.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-    from . import elementwise
+    elementwise = _triton("elementwise")
 
     for x in (q, k):
         elementwise.rotary(positions, x, cos_sin_cache.contiguous(), is_neox)
@@ -156,7 +172,7 @@ def silu_and_mul(x):
         raise checks.ShapeError(f"x's last dim must be even, got {tuple(x.shape)}")
     if path_for(x) == "reference":
         return reference.silu_and_mul(x)
-    from . import elementwise
+    elementwise = _triton("elementwise")
 
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)

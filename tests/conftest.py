@@ -1,7 +1,14 @@
 import os
 
-import pytest
-import torch
+import torch  # does not import triton
+
+# Without a GPU the kernel tests run the Triton kernels through Triton's interpreter. Triton reads
+# TRITON_INTERPRET when it defines a kernel (its own library included, which transformers' imports of
+# torch._inductor pull in early), so it is set here, before any test module imports anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def _test_device() -> str:

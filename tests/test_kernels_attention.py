@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels_util import TOL, kernel_device, rel_err, triton_interpreter  # noqa: F401 (autouse fixture)
+from kernels_util import TOL, kernel_device, rel_err
 import tidal.kernels as K
 from tidal.errors import ShapeError
 
@@ -97,3 +97,14 @@ def test_bad_input_names_the_argument(mutate, match):
     mutate(args)
     with pytest.raises(ShapeError, match=match):
         K.paged_decode_attention(**args)
+
+
+@pytest.mark.parametrize("dtype, head_dim, block_size, num_heads, num_kv_heads",
+                         [(torch.float16, 96, 32, 8, 8), (torch.bfloat16, 256, 16, 4, 2), (torch.float32, 96, 32, 6, 2)])
+def test_other_supported_shapes(dtype, head_dim, block_size, num_heads, num_kv_heads):
+    q, k, v, tables, lens = make_case(dtype, head_dim, block_size, num_heads, num_kv_heads, [1, 33, 70], kernel_device())
+    want = K.reference.paged_decode_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), tables.cpu(),
+                                              lens.cpu(), head_dim ** -0.5, compute_dtype=torch.float64)
+    for splits in (1, 3):
+        got = K.paged_decode_attention(q, k, v, tables, lens, num_splits=splits)
+        assert rel_err(got.cpu(), want) <= TOL[dtype]

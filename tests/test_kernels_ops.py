@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels_util import TOL, kernel_device, rel_err, triton_interpreter  # noqa: F401 (autouse fixture)
+from kernels_util import TOL, kernel_device, rel_err
 import tidal.kernels as K
 from tidal.errors import ShapeError
 
@@ -105,3 +105,16 @@ def test_bad_input_to_the_small_ops():
 def test_kernel_tests_run_the_triton_kernels():
     x = torch.randn(3, 8, device=kernel_device())
     assert K.path_for(x) in ("triton", "triton-interpreter")
+
+
+def test_a_late_interpreter_switch_is_a_clear_error():
+    """TRITON_INTERPRET set after Triton's library was defined cannot work; say so instead of Triton's
+    'Cannot call @triton.jit'd outside of the scope of a kernel'."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch, triton.language, tidal.kernels as K; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n    K.silu_and_mul(torch.randn(2, 4))\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert out.startswith("BackendError") and "before Python starts" in out, out
