@@ -20,15 +20,16 @@ def make_config(arch: str, num_layers: int = 6, hidden: int = 64, heads: int = 4
     raise ValueError(arch)
 
 
-def make_model(arch: str, seed: int = 0, dtype=torch.float32, device="cpu", **kw):
+def make_model(arch: str, seed: int = 0, dtype=torch.float32, device="cpu", std: float = 0.05, **kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch, **kw), dtype=dtype)
     # Random init leaves biases at zero; fill everything so a missed copy cannot hide behind a zero.
+    # A larger `std` makes attention peaked, so position (rope) and masking errors change the output.
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.05)
+            p.normal_(0, std)
     return model.to(device).eval()
 
 
