@@ -20,7 +20,7 @@ INTERPRETER_SMS = 4  # stands in for the multiprocessor count when the kernels r
 MIN_BLOCKS_PER_SPLIT = 4  # a split shorter than this costs more in merging than it gains in parallelism
 MAX_SPLITS = 64
 
-__all__ = ["path_for", "paged_decode_attention", "choose_num_splits", "write_kv", "rms_norm",
+__all__ = ["path_for", "resolve_path", "paged_decode_attention", "choose_num_splits", "write_kv", "rms_norm",
            "rotary_embedding", "silu_and_mul", "PAD_SLOT_ID", "reference"]
 
 
@@ -31,6 +31,26 @@ def path_for(t: torch.Tensor) -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton-interpreter"
     return "reference"
+
+
+def resolve_path(t: torch.Tensor, path: str | None = None) -> str:
+    """The path a call on tensor `t` takes, as `path_for` names it. `path=None` lets the tensor and the
+    environment decide; "reference" forces the torch reference (an engine that must not take the slow
+    interpreter on CPU tensors passes it); "triton" forces the Triton kernels and raises BackendError where
+    nothing can run them (a CPU tensor without TRITON_INTERPRET=1)."""
+    from tidal.errors import BackendError, ConfigError
+
+    natural = path_for(t)
+    if path is None:
+        return natural
+    if path == "reference":
+        return path
+    if path != "triton":
+        raise ConfigError(f"path={path!r}: expected None, 'triton' or 'reference'")
+    if natural == "reference":
+        raise BackendError(f"path='triton' for a {t.device} tensor: Triton runs CPU tensors only through its "
+                           "interpreter, with TRITON_INTERPRET=1 set before Python starts")
+    return natural
 
 
 def _triton(name: str):
@@ -67,7 +87,7 @@ def _num_sms(t: torch.Tensor) -> int:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, out=None, *,
-                           num_splits: int | None = None, check_lens: bool = True):
+                           num_splits: int | None = None, check_lens: bool = True, path: str | None = None):
     """Attention of one new query token per sequence over its paged K/V.
 
     q `[batch, num_heads, head_dim]`; k_cache, v_cache `[num_blocks, block_size, num_kv_heads, head_dim]`
@@ -76,6 +96,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     `[batch, num_heads, head_dim]` in q's dtype (into `out` if given). `scale` defaults to head_dim ** -0.5.
     `num_splits` forces the split-K factor (1: no split); by default `choose_num_splits`. `check_lens=False`
     skips the length check, which reads seq_lens on the host (a sync on CUDA), for callers that built them.
+    `path` as in `resolve_path` (None: `path_for(q)`).
     """
     checks.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, out)
     if check_lens:
@@ -84,20 +105,23 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise checks.ShapeError(f"num_splits={num_splits!r} must be an int in [1, {MAX_SPLITS}]")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if path_for(q) == "reference":
+    taken = resolve_path(q, path)
+    if taken == "reference":
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out)
     attention = _triton("attention")
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     splits = num_splits or choose_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1], _num_sms(q))
-    return attention.launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, splits)
+    return attention.launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, splits,
+                            interpreted=taken == "triton-interpreter")
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, path: str | None = None) -> None:
     """Scatter new tokens' key/value `[num_tokens, num_kv_heads, head_dim]` into the paged caches
     `[num_blocks, block_size, num_kv_heads, head_dim]` at flat slots `slot_mapping` `[num_tokens]`
-    (block * block_size + offset; PAD_SLOT_ID entries are skipped)."""
+    (block * block_size + offset; PAD_SLOT_ID entries are skipped). Slots are not range-checked (that would
+    read them on the host). `path` as in `resolve_path`."""
     for name, t in (("key", key), ("value", value)):
         checks.rank(name, t, 3)
     checks.rank("k_cache", k_cache, 4)
@@ -113,23 +137,28 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
         raise checks.ShapeError(f"slot_mapping {tuple(slot_mapping.shape)} for {key.shape[0]} tokens")
     checks.contiguous("k_cache", k_cache)
     checks.contiguous("v_cache", v_cache)
-    if path_for(key) == "reference":
+    if resolve_path(key, path) == "reference":
         return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
     elementwise = _triton("elementwise")
 
-    key, value = (t if t[0:1].is_contiguous() and t.stride(1) == t.shape[2] else t.contiguous() for t in (key, value))
+    # the kernel walks each token's [Hkv, D] row with unit stride; tokens may be strided
+    key, value = (t if t[0:1].is_contiguous() else t.contiguous() for t in (key, value))
     elementwise.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def rms_norm(x, weight, eps: float, residual=None):
+def rms_norm(x, weight, eps: float, residual=None, *, path: str | None = None):
     """RMSNorm over the last dim of `x` `[..., hidden]` with `weight` `[hidden]`. With `residual` (same shape
-    as x) it normalises x + residual and returns (out, x + residual)."""
+    as x) it normalises x + residual and returns (out, x + residual). fp16/bf16/fp32, computed in fp32;
+    outputs in x's dtype. `path` as in `resolve_path`."""
+    checks.floating("x", x)
+    checks.floating("weight", weight)
     checks.same_device(x=x, weight=weight, **({} if residual is None else {"residual": residual}))
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise checks.ShapeError(f"weight {tuple(weight.shape)} for x {tuple(x.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise checks.ShapeError(f"residual {tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}")
-    if path_for(x) == "reference":
+        raise checks.ShapeError(f"residual {tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} "
+                                f"{x.dtype}")
+    if resolve_path(x, path) == "reference":
         return reference.rms_norm(x, weight, eps, residual)
     elementwise = _triton("elementwise")
 
@@ -141,23 +170,27 @@ def rms_norm(x, weight, eps: float, residual=None):
     return out if residual is None else (out, residual_out)
 
 
-def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool = True):
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool = True, *, path: str | None = None):
     """Rotate q `[num_tokens, num_heads, head_dim]` and k `[num_tokens, num_kv_heads, head_dim]` in place at
     `positions` `[num_tokens]`; cos_sin_cache `[max_position, rot_dim]` is cos then sin, rot_dim <= head_dim.
-    `is_neox` rotates halves (Llama, Qwen2, Mistral); otherwise interleaved pairs (GPT-J). Returns (q, k)."""
+    `is_neox` rotates halves (Llama, Qwen2, Mistral); otherwise interleaved pairs (GPT-J). Returns (q, k).
+    `path` as in `resolve_path`."""
     checks.rank("q", q, 3)
     checks.rank("k", k, 3)
     checks.rank("positions", positions, 1)
     checks.rank("cos_sin_cache", cos_sin_cache, 2)
     checks.same_device(positions=positions, q=q, k=k, cos_sin_cache=cos_sin_cache)
     checks.integer("positions", positions)
+    checks.floating("q", q)
+    checks.floating("k", k)
     rot = cos_sin_cache.shape[1]
-    if rot % 2 or rot > q.shape[2] or q.shape[2] != k.shape[2] or positions.shape[0] != q.shape[0] != k.shape[0]:
-        raise checks.ShapeError(f"positions {tuple(positions.shape)}, q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                                f"cos_sin_cache {tuple(cos_sin_cache.shape)} do not agree")
+    tokens_agree = positions.shape[0] == q.shape[0] == k.shape[0]
+    if rot % 2 or rot > q.shape[2] or q.shape[2] != k.shape[2] or not tokens_agree:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos_sin_cache {tuple(cos_sin_cache.shape)}"
+        raise checks.ShapeError(f"positions {tuple(positions.shape)}, {shapes} do not agree")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise checks.ShapeError(f"q and k need a unit stride in head_dim, got {q.stride()} and {k.stride()}")
-    if path_for(q) == "reference":
+    if resolve_path(q, path) == "reference":
         return reference.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
     elementwise = _triton("elementwise")
 
@@ -166,11 +199,13 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool = True):
     return q, k
 
 
-def silu_and_mul(x):
-    """`silu(x[..., :d]) * x[..., d:]` for x `[..., 2 * d]`; returns `[..., d]`."""
+def silu_and_mul(x, *, path: str | None = None):
+    """`silu(x[..., :d]) * x[..., d:]` for x `[..., 2 * d]` fp16/bf16/fp32; returns `[..., d]` in x's dtype.
+    `path` as in `resolve_path`."""
+    checks.floating("x", x)
     if x.shape[-1] % 2:
         raise checks.ShapeError(f"x's last dim must be even, got {tuple(x.shape)}")
-    if path_for(x) == "reference":
+    if resolve_path(x, path) == "reference":
         return reference.silu_and_mul(x)
     elementwise = _triton("elementwise")
 

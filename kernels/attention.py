@@ -1,17 +1,33 @@
 """Paged decode attention in Triton: split-K over the sequence, then a log-sum-exp merge.
 
-Stage 1 runs one program per (sequence, kv head, split). It loads the query heads of the kv head's group as
-one [GROUP, D] tile, so each K/V block tile is read once for the whole group. It walks its share of the
-sequence's blocks with an online softmax. With one split it writes the normalised output directly; otherwise
-it writes a partial output and its log-sum-exp, and stage 2 merges the splits.
+Stage 1 runs one program per (sequence, kv head, split). The query heads of the kv head's group form one
+`[GROUP_PAD, D]` tile (padded to 16 rows, tl.dot's smallest M), so each K/V tile is read once for the whole
+group and both products run on tensor cores. A tile spans PAGES blocks (about 64 tokens) so that each
+iteration keeps enough loads in flight; tokens past the sequence or past the split are masked, never read.
+With one split, stage 1 writes the normalised output; otherwise it writes a partial output and its
+log-sum-exp, and stage 2 merges the splits.
 """
 import triton
 import triton.language as tl
 
+MIN_DOT = 16  # tl.dot's smallest M and N
+TILE_TOKENS = 64  # tokens per stage-1 iteration; halved when a token's row of K is over 256 bytes, so that
+# the pipelined K and V tiles stay well inside shared memory
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 operands need "ieee": the default (tf32) keeps 10 mantissa bits, too few for fp32's tolerance
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
 
 @triton.jit
 def _decode_stage1(
-    q_ptr,  # [B, Hq, D], q dtype
+    q_ptr,  # [B, Hq, D], q dtype, unit stride in D
     k_ptr, v_ptr,  # [N, BLOCK_SIZE, Hkv, D] each, contiguous
     tables_ptr,  # [B, max_blocks] int32/int64
     lens_ptr,  # [B] int32/int64
@@ -26,8 +42,9 @@ def _decode_stage1(
     num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, TILE: tl.constexpr,  # TILE = PAGES * BLOCK_SIZE tokens
     DIRECT: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # products in fp32: fp32 inputs, or bf16 in the interpreter (numpy has no bf16)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -39,34 +56,46 @@ def _decode_stage1(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D_PAD)
-    t = tl.arange(0, BLOCK_SIZE)
+    j = tl.arange(0, TILE)
+    page_of = j // BLOCK_SIZE
+    slot = j % BLOCK_SIZE
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [GROUP_PAD, D_PAD]
+    if DOT_FP32:
+        q = q.to(tl.float32)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    for blk in range(first, last):
-        block = tl.load(tables_ptr + b * stride_tb + blk).to(tl.int64)
-        t_mask = blk * BLOCK_SIZE + t < seq_len
-        kv_off = block * stride_kn + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+    for start in range(first, last, PAGES):
+        page = start + page_of  # [TILE]
+        in_split = page < last
+        t_mask = in_split & (page * BLOCK_SIZE + slot < seq_len)
+        block = tl.load(tables_ptr + b * stride_tb + page, mask=in_split, other=0).to(tl.int64)
+        kv_off = block[:, None] * stride_kn + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :]
         kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, D_PAD]
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [TILE, D_PAD]
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = _dot(q, tl.trans(k), DOT_FP32) * scale  # [GROUP_PAD, TILE]
         s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every visited block holds a token
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: page `start` holds a token
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        p_op = p.to(v_ptr.dtype.element_ty)  # rounded as the GPU's fp16/bf16 product rounds it
+        if DOT_FP32:
+            p_op = p_op.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(p_op, v, DOT_FP32)
         m = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
-    has = l > 0
+    has = l > 0  # false only for an empty split
     o = acc / tl.where(has, l, 1.0)[:, None]
     if DIRECT:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -103,28 +132,31 @@ def _decode_merge(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, num_splits):
+def launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, num_splits, interpreted):
     import torch
 
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    max_blocks = block_tables.shape[1]
-    blocks_per_split = triton.cdiv(max_blocks, num_splits)
+    blocks_per_split = triton.cdiv(block_tables.shape[1], num_splits)
+    d_pad = triton.next_power_of_2(head_dim)
+    tile_tokens = TILE_TOKENS if d_pad * q.element_size() <= 256 else TILE_TOKENS // 2
+    pages = max(1, tile_tokens // block_size)
     direct = num_splits == 1
     if direct:
         part, lse = out, out  # lse unused
     else:
         part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    d_pad = triton.next_power_of_2(head_dim)
     _decode_stage1[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part, lse, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         blocks_per_split, num_splits,
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, DIRECT=direct,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_DOT), HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, PAGES=pages, TILE=pages * block_size, DIRECT=direct,
+        DOT_FP32=q.dtype == torch.float32 or (interpreted and q.dtype == torch.bfloat16),
+        num_warps=4, num_stages=2,
     )
     if not direct:
         _decode_merge[(batch, num_heads)](

@@ -20,18 +20,24 @@ def rank(name, t, n):
 
 
 def same_device(**tensors):
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ShapeError("tensors on different devices: " + ", ".join(f"{n} {d}" for n, d in devices.items()))
+    if len({t.device for t in tensors.values()}) > 1:
+        listed = ", ".join(f"{n} {_desc(t)}" for n, t in tensors.items())
+        raise ShapeError(f"tensors on different devices: {listed}")
 
 
 def same_dtype(**tensors):
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        raise ShapeError("mismatched dtypes: " + ", ".join(f"{n} {d}" for n, d in dtypes.items()))
-    d = next(iter(dtypes.values()))
-    if d not in FLOAT_DTYPES:
-        raise ShapeError(f"dtype {d} unsupported; use fp16, bf16 or fp32 ({', '.join(dtypes)})")
+    listed = ", ".join(f"{n} {_desc(t)}" for n, t in tensors.items())
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) > 1:
+        raise ShapeError(f"mismatched dtypes: {listed}")
+    if dtypes.pop() not in FLOAT_DTYPES:
+        raise ShapeError(f"dtype unsupported (use fp16, bf16 or fp32): {listed}")
+
+
+def floating(name, t):
+    if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.dtype not in FLOAT_DTYPES:
+        got = _desc(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ShapeError(f"{name} must be an fp16, bf16 or fp32 tensor with at least 1 dim, got {got}")
 
 
 def integer(name, t):
@@ -61,9 +67,11 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, out):
     if kv_dim != head_dim:
         raise ShapeError(f"q head_dim {head_dim} but k_cache {_desc(k_cache)}")
     if num_heads % num_kv_heads:
-        raise ShapeError(f"q has {num_heads} heads, not a multiple of k_cache's {num_kv_heads} kv heads")
+        raise ShapeError(f"q {_desc(q)} has {num_heads} heads, not a multiple of the {num_kv_heads} kv heads "
+                         f"of k_cache {_desc(k_cache)}")
     if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
-        raise ShapeError(f"batch {batch} from q, block_tables {_desc(block_tables)}, seq_lens {_desc(seq_lens)}")
+        raise ShapeError(f"batch {batch} from q, block_tables {_desc(block_tables)}, "
+                         f"seq_lens {_desc(seq_lens)}")
     integer("block_tables", block_tables)
     integer("seq_lens", seq_lens)
     if out is not None:
@@ -78,5 +86,5 @@ def seq_lens_fit(seq_lens, block_tables, block_size):
     lens = seq_lens.tolist()
     for i, n in enumerate(lens):
         if not 1 <= n <= capacity:
-            raise ShapeError(f"seq_lens[{i}]={n} outside [1, {capacity}]: block_tables {tuple(block_tables.shape)} "
-                             f"x block_size {block_size}")
+            raise ShapeError(f"seq_lens[{i}]={n} outside [1, {capacity}]: "
+                             f"block_tables {tuple(block_tables.shape)} x block_size {block_size}")

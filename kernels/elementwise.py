@@ -1,5 +1,6 @@
-"""The small fused ops of a Llama-family layer, in Triton: KV write, RMSNorm (+ residual), rotary, SiLU-and-mul.
-Every load is cast to fp32 before arithmetic (the interpreter has no bf16 arithmetic; the GPU loses nothing)."""
+"""The small fused ops of a Llama-family layer, in Triton: KV write, RMSNorm (+ residual), rotary,
+SiLU-and-mul. Every load is cast to fp32 before arithmetic (the interpreter has no bf16 arithmetic; the GPU
+loses nothing)."""
 import triton
 import triton.language as tl
 

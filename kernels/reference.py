@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None, compute_dtype=torch.float32):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None,
+                           compute_dtype=torch.float32):
     """q `[B, Hq, D]`; caches `[N, block_size, Hkv, D]`; block_tables `[B, max_blocks]`; seq_lens `[B]`."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -18,7 +19,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, o
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].to(compute_dtype)
         qg = q[b].to(compute_dtype).view(num_kv_heads, group, head_dim)  # a group's heads share one K/V head
         scores = torch.einsum("hgd,nhd->hgn", qg, k) * scale
-        result[b] = torch.einsum("hgn,nhd->hgd", torch.softmax(scores, dim=-1), v).reshape(num_heads, head_dim)
+        probs = torch.softmax(scores, dim=-1)
+        result[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(num_heads, head_dim)
     if out is None:
         return result.to(q.dtype)
     return out.copy_(result)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels_util import TOL, kernel_device, rel_err
+from kernels_util import TOL, fresh_seed, kernel_device, rel_err  # noqa: F401 (fresh_seed: autouse fixture)
 import tidal.kernels as K
 from tidal.errors import ShapeError
 
@@ -100,6 +100,24 @@ def test_bad_input_to_the_small_ops():
     with pytest.raises(ShapeError, match="do not agree"):
         K.rotary_embedding(torch.zeros(3, dtype=torch.int64), torch.randn(3, 2, 8), torch.randn(3, 1, 8),
                            torch.randn(10, 10))
+    with pytest.raises(ShapeError, match=r"q \(3, 2, 8\), k \(4, 1, 8\)"):  # k has a token too many
+        K.rotary_embedding(torch.zeros(3, dtype=torch.int64), torch.randn(3, 2, 8), torch.randn(4, 1, 8),
+                           torch.randn(10, 8))
+    with pytest.raises(ShapeError, match=r"x must be an fp16, bf16 or fp32 tensor .*got \(2, 8\) torch.int64"):
+        K.silu_and_mul(torch.zeros(2, 8, dtype=torch.int64))
+    with pytest.raises(ShapeError, match=r"different devices: x \(2, 8\) torch.float32 on cpu, weight \(8,\)"):
+        K.rms_norm(torch.randn(2, 8), torch.randn(8, device="meta"), 1e-6)
+    with pytest.raises(ShapeError, match=r"mismatched dtypes: key \(2, 1, 4\) torch.float16"):
+        K.write_kv(torch.randn(2, 1, 4).half(), torch.randn(2, 1, 4), torch.randn(3, 2, 1, 4),
+                   torch.randn(3, 2, 1, 4), torch.zeros(2, dtype=torch.int32))
+
+
+def test_the_small_ops_take_a_forced_reference_path():
+    x, w = torch.randn(4, 16, device=kernel_device()), torch.randn(16, device=kernel_device())
+    assert torch.equal(K.silu_and_mul(x, path="reference"), K.reference.silu_and_mul(x))
+    assert torch.equal(K.rms_norm(x, w, 1e-5, path="reference"), K.reference.rms_norm(x, w, 1e-5))
+    triton_out = K.silu_and_mul(x, path="triton")
+    assert rel_err(triton_out, K.reference.silu_and_mul(x.double(), compute_dtype=torch.float64)) <= 1e-5
 
 
 def test_kernel_tests_run_the_triton_kernels():
