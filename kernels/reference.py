@@ -7,20 +7,23 @@ import torch
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None,
                            compute_dtype=torch.float32):
-    """q `[B, Hq, D]`; caches `[N, block_size, Hkv, D]`; block_tables `[B, max_blocks]`; seq_lens `[B]`."""
+    """q `[B, Hq, D]`; caches `[N, block_size, Hkv, D]`; block_tables `[B, max_blocks]`; seq_lens `[B]`.
+    The whole batch at once: each sequence's blocks gathered up to the longest sequence, the rest masked."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    result = torch.empty(batch, num_heads, head_dim, dtype=compute_dtype, device=q.device)
-    for b in range(batch):
-        n = int(seq_lens[b])
-        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].to(compute_dtype)  # [n, Hkv, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].to(compute_dtype)
-        qg = q[b].to(compute_dtype).view(num_kv_heads, group, head_dim)  # a group's heads share one K/V head
-        scores = torch.einsum("hgd,nhd->hgn", qg, k) * scale
-        probs = torch.softmax(scores, dim=-1)
-        result[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(num_heads, head_dim)
+    lens = seq_lens.long()
+    width = (int(lens.max()) + block_size - 1) // block_size
+    blocks = block_tables[:, :width].long().clamp_min(0)  # padding entries point at block 0, masked below
+    k = k_cache[blocks].reshape(batch, width * block_size, num_kv_heads, head_dim).to(compute_dtype)
+    v = v_cache[blocks].reshape(batch, width * block_size, num_kv_heads, head_dim).to(compute_dtype)
+    qg = q.to(compute_dtype).view(batch, num_kv_heads, group, head_dim)  # a group's heads share one K/V head
+    scores = torch.einsum("bhgd,bnhd->bhgn", qg, k) * scale
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < lens[:, None]  # [B, n]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)  # slots past a sequence may hold anything, even NaN
+    result = torch.einsum("bhgn,bnhd->bhgd", probs, v).reshape(batch, num_heads, head_dim)
     if out is None:
         return result.to(q.dtype)
     return out.copy_(result)

@@ -1,4 +1,5 @@
-"""The `tidal` command line. `tidal demo` streams a small local Llama checkpoint at several residencies."""
+"""The `tidal` command line. `tidal demo` serves a small local Llama checkpoint with tidal's engine at several
+resident fractions, then once with a KV cache too small for the batch, so that requests are preempted."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ class DemoConfig:
     prefetch_depth: int = 2
     prompt_tokens: int = 16
     new_tokens: int = 32
+    batch: int = 4
     device: str | None = None
 
     def __post_init__(self):
@@ -26,73 +28,93 @@ class DemoConfig:
 
         for f in self.fractions:
             OffloadConfig(resident_fraction=f, prefetch_depth=self.prefetch_depth)  # validates both
-        if self.new_tokens < 2 or self.prompt_tokens < 1:
-            raise TidalError("--new-tokens must be >= 2 and --prompt-tokens >= 1")
+        if self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch < 1:
+            raise TidalError("--new-tokens must be >= 2, --prompt-tokens and --batch >= 1")
+
+
+def _serve(engine, prompts, new_tokens) -> tuple[list[list[int]], float]:
+    """Generate through the step API; returns the outputs and the decode seconds (every step after the first,
+    which prefills)."""
+    ids = [engine.add_request(p, max_new_tokens=new_tokens) for p in prompts]
+    out = {i: [] for i in ids}
+    t0 = t1 = time.perf_counter()
+    first = True
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+        if first:
+            t1, first = time.perf_counter(), False
+    return [out[i] for i in ids], time.perf_counter() - t1
 
 
 def demo(cfg: DemoConfig) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from . import native, offload, stats
+    from . import Engine, native
     from .backends import resolve_device
     from .checkpoints import random_checkpoint
     from .report import format_table
 
     device = resolve_device(cfg.device)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     path = random_checkpoint("llama", DEMO_MODEL)
     print(f"checkpoint: {path}\ndevice: {device}; tidal._C: {native.describe()}")
-    prompt = torch.randint(1, DEMO_MODEL["vocab_size"], (1, cfg.prompt_tokens))
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, DEMO_MODEL["vocab_size"], (cfg.batch, cfg.prompt_tokens), generator=gen).tolist()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows, reference = [], None
     for fraction in cfg.fractions:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        offload(model, resident_fraction=fraction, prefetch_depth=cfg.prefetch_depth, device=device)
-        ids = prompt.to(device)
-
-        def generate(n):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
-            return out, time.perf_counter() - t0
-
-        generate(2)  # warm-up
-        _, prefill = generate(1)
-        before = stats(model).total
-        out, total = generate(cfg.new_tokens + 1)
-        after = stats(model)
-        decode_s = total - prefill
-        steps = after.forwards - 1  # less the prefill forward
+        with Engine.from_pretrained(path, device=device, dtype=dtype, resident_fraction=fraction,
+                                    prefetch_depth=cfg.prefetch_depth) as engine:
+            _serve(engine, prompts[:1], 2)  # warm-up
+            before = engine.stats()
+            out, decode_s = _serve(engine, prompts, cfg.new_tokens)
+            s = engine.stats()
+        steps = s.decode_steps - before.decode_steps
         per = lambda x: x / steps  # noqa: E731
         reference = out if reference is None else reference
-        rows.append([f"{fraction:.2f}", f"{len(after.resident_layers)}/{DEMO_MODEL['num_hidden_layers']}",
-                     cfg.new_tokens / decode_s, per(after.total.bytes_streamed - before.bytes_streamed) / 1e6,
-                     per(after.total.stall_seconds - before.stall_seconds) * 1e3,
-                     per(after.total.bookkeeping_seconds - before.bookkeeping_seconds) * 1e3,
-                     "yes" if torch.equal(out.cpu(), reference.cpu()) else "NO"])
-    print(format_table(["resident", "layers", "decode tok/s", "MB streamed/token", "stall ms/token",
-                        "tidal ms/token", "same tokens"], rows))
-    print("tidal ms/token is tidal's own host bookkeeping. Tokens are compared with the first row's run.")
-    return 0 if all(r[-1] == "yes" for r in rows) else 1
+        rows.append([f"{fraction:.2f}", f"{len(s.resident_layers)}/{DEMO_MODEL['num_hidden_layers']}",
+                     (s.decode_tokens - before.decode_tokens) / decode_s,
+                     per(s.streaming.bytes_streamed - before.streaming.bytes_streamed) / 1e6,
+                     per(s.streaming.stall_seconds - before.streaming.stall_seconds) * 1e3,
+                     "yes" if out == reference else "NO"])
+    print(f"engine: batch {cfg.batch}, {cfg.prompt_tokens} prompt + {cfg.new_tokens} new tokens each, kernels "
+          f"{s.kernel_path}, {dtype}")
+    print(format_table(["resident", "layers", "decode tok/s", "MB streamed/step", "stall ms/step", "same tokens"],
+                       rows))
+
+    # A KV cache of too few blocks for the whole batch: the newest requests are swapped out and back.
+    block_size = 16
+    need = cfg.batch * -(-(cfg.prompt_tokens + cfg.new_tokens) // block_size)
+    blocks = max(need // 2, -(-(cfg.prompt_tokens + cfg.new_tokens) // block_size) + 1)
+    c = DEMO_MODEL
+    block_bytes = 2 * c["num_hidden_layers"] * block_size * c["num_key_value_heads"] * \
+        (c["hidden_size"] // c["num_attention_heads"]) * dtype.itemsize
+    with Engine.from_pretrained(path, device=device, dtype=dtype, block_size=block_size,
+                                kv_cache_bytes=blocks * block_bytes) as engine:
+        out, _ = _serve(engine, prompts, cfg.new_tokens)
+        s = engine.stats()
+    same = out == reference
+    print(f"preemption: {blocks} KV blocks for a batch needing {need}: {s.swap_outs} swap-outs, {s.swap_ins} "
+          f"swap-ins, {s.swap_bytes / 1e6:.1f} MB moved in {s.swap_seconds * 1e3:.1f} ms, {s.recomputes} "
+          f"recomputes; same tokens: {'yes' if same else 'NO'}")
+    return 0 if same and all(r[-1] == "yes" for r in rows) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal", description="tidal: offload and preemption runtime for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="stream a small local Llama checkpoint at several resident fractions")
+    d = sub.add_parser("demo", help="serve a small local Llama checkpoint at several resident fractions")
     d.add_argument("--fractions", default="1,0.75,0.5,0.25,0", help="comma list of resident fractions")
     d.add_argument("--prefetch-depth", type=int, default=2)
     d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--batch", type=int, default=4)
     d.add_argument("--device", default=None, help="cpu or cuda[:n] (default: cuda when available)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         fractions = tuple(float(x) for x in args.fractions.split(",") if x)
         cfg = DemoConfig(fractions=fractions, prefetch_depth=args.prefetch_depth, new_tokens=args.new_tokens,
-                         device=args.device)
+                         batch=args.batch, device=args.device)
         return demo(cfg)
     except (TidalError, ValueError) as exc:
         print(f"tidal: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError
+from .plan import ResidencyPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +46,14 @@ class OffloadConfig:
             raise ConfigError(f"device_budget_bytes={b!r} must be an int >= 0")
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
+
+    def plan(self, layer_bytes: list[int], fixed_bytes: int = 0) -> ResidencyPlan:
+        """The residency plan this configuration asks for, over layers of `layer_bytes` device bytes each;
+        `fixed_bytes` (embeddings, norms, head) counts against `device_budget_bytes`."""
+        n = len(layer_bytes)
+        if self.resident_layers is not None:
+            return ResidencyPlan.from_layers(n, self.resident_layers)
+        if self.device_budget_bytes is not None:
+            return ResidencyPlan.from_budget(layer_bytes, self.device_budget_bytes, fixed_bytes,
+                                             ring_slots=self.prefetch_depth + 1)
+        return ResidencyPlan.from_fraction(n, self.resident_fraction)

@@ -39,3 +39,18 @@ class CheckpointError(TidalError, RuntimeError):
 
 class OutOfDeviceMemory(TidalError, RuntimeError):
     """A model does not fit the device budget; the message gives the numbers."""
+
+
+class PromptError(TidalError, ValueError):
+    """A prompt the engine can never run (empty, a token outside the vocabulary, longer than the cache or the
+    model's positions). Raised by `add_request` for that request alone."""
+
+
+class GenerationError(TidalError, RuntimeError):
+    """Some prompts of a `generate` call failed; the others ran. `outputs[i]` is None for a failed prompt i,
+    whose error is `errors[i]`."""
+
+    def __init__(self, outputs: list, errors: dict[int, Exception]):
+        detail = "; ".join(f"prompt {i}: {e}" for i, e in errors.items())
+        super().__init__(f"{len(errors)} of {len(outputs)} prompts failed ({detail})")
+        self.outputs, self.errors = outputs, errors

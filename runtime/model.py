@@ -1,7 +1,9 @@
-"""A Llama-family decoder (Llama, Qwen2, Mistral) on tidal's paged KV cache and kernels, loaded from a
-Hugging Face checkpoint with `tidal.checkpoint`. Plain PyTorch in the style of gpt-fast: prefill one
-sequence at a time with causal attention over its prompt, decode a batch of sequences one token each
-with `paged_decode_attention`."""
+"""A Llama-family decoder (Llama, Qwen2, Mistral) on tidal's paged KV cache and kernels. Plain PyTorch in the
+style of gpt-fast: prefill a few sequences in one pass (causal attention over each prompt), decode a batch of
+sequences one token each with `paged_decode_attention`. Layers the residency plan streams are acquired from a
+`LayerStreamer` for the duration of their compute; the rest of the code does not know the difference.
+
+Weights come from `weights.py` (fused q/k/v and gate/up); the engine (engine.py) drives the two phases."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +16,7 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointError, ConfigError
 
 SUPPORTED = ("llama", "qwen2", "mistral")
-LAYER_TENSORS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,79 +86,88 @@ def rope_cache(config: ModelConfig, max_positions: int, device=None) -> torch.Te
     return torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
 
 
-class _Ops:
-    """The kernels the decoder calls: the dispatcher ("auto") or the torch references ("reference")."""
+class Ops:
+    """The kernels the decoder calls, all on one path: "triton" (CUDA, or the interpreter on CPU tensors) or
+    "reference" (the torch references). `kernels="auto"` takes Triton on CUDA and the references on the CPU:
+    the interpreter is a test tool, far too slow to serve from, so it runs only when asked for by name."""
 
-    def __init__(self, path: str):
+    def __init__(self, kernels: str, device: torch.device):
         from tidal import kernels as K
 
-        if path not in ("auto", "reference"):
-            raise ConfigError(f"kernels={path!r} must be 'auto' or 'reference'")
-        self.path = path
-        mod = K if path == "auto" else K.reference
-        self.rms_norm, self.rotary, self.silu_and_mul, self.write_kv = (
-            mod.rms_norm, mod.rotary_embedding, mod.silu_and_mul, mod.write_kv)
-        self._K = K
+        if kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels={kernels!r} must be one of {KERNEL_CHOICES}")
+        wanted = kernels if kernels != "auto" else ("triton" if device.type == "cuda" else "reference")
+        self.path = K.resolve_path(torch.empty(0, device=device), wanted)  # BackendError if Triton cannot run
+        self._K, self._p = K, wanted
+
+    def rms_norm(self, x, w, eps, residual=None):
+        return self._K.rms_norm(x, w, eps, residual, path=self._p)
+
+    def rotary(self, positions, q, k, cache):
+        return self._K.rotary_embedding(positions, q, k, cache, path=self._p)
+
+    def silu_and_mul(self, x):
+        return self._K.silu_and_mul(x, path=self._p)
+
+    def write_kv(self, k, v, k_cache, v_cache, slots):
+        return self._K.write_kv(k, v, k_cache, v_cache, slots, path=self._p)
 
     def attention(self, q, k_cache, v_cache, block_tables, seq_lens, scale):
-        if self.path == "auto":
-            return self._K.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, check_lens=False)
-        return self._K.reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return self._K.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                              check_lens=False, path=self._p)
 
 
 class DecoderModel:
-    """Weights on the device, ready for `prefill` and `decode_step` over a `PagedKVCache`."""
+    """A decoder over loaded weights (`weights.LoadedWeights`), ready for `prefill` and `decode_step` over a
+    `PagedKVCache`. With a `streamer`, layers whose `weights.layers[i]` is None are streamed through it."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], layers: list[dict[str, torch.Tensor]],
-                 kernels: str = "auto"):
-        self.config, self.weights, self.layers = config, weights, layers
-        self.ops = _Ops(kernels)
+    def __init__(self, config: ModelConfig, weights, kernels: str = "auto", streamer=None):
+        self.config, self.weights = config, weights
+        self.top = weights.top
+        self.device = self.top["embed"].device
+        self.ops = Ops(kernels, self.device)
+        self.streamer = streamer
+        if streamer is None and any(w is None for w in weights.layers):
+            raise ConfigError("streamed layers need a LayerStreamer")
         self.scale = config.head_dim ** -0.5
-        device = weights["embed"].device
-        self.rope = rope_cache(config, config.max_position_embeddings, device)
+        self.rope = rope_cache(config, config.max_position_embeddings, self.device)
 
     @classmethod
     def load(cls, path, device="cpu", dtype: torch.dtype | None = None, kernels: str = "auto") -> "DecoderModel":
+        """Every layer resident on `device`; for streaming, use `tidal.Engine.from_pretrained`."""
+        from . import weights as W
+        from .backends import make_backend
+        from .plan import ResidencyPlan
+
         ckpt = Checkpoint(path)
         config = ModelConfig.from_hf(ckpt.config, str(ckpt.path / "config.json"))
-        c = config
-        qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        shapes = {"input_layernorm.weight": (c.hidden_size,), "post_attention_layernorm.weight": (c.hidden_size,),
-                  "self_attn.q_proj.weight": (qd, c.hidden_size), "self_attn.k_proj.weight": (kvd, c.hidden_size),
-                  "self_attn.v_proj.weight": (kvd, c.hidden_size), "self_attn.o_proj.weight": (c.hidden_size, qd),
-                  "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                  "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                  "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-                  "self_attn.q_proj.bias": (qd,), "self_attn.k_proj.bias": (kvd,), "self_attn.v_proj.bias": (kvd,)}
-
-        def get(name, shape):
-            return ckpt.load(name, dtype=dtype, shape=shape).to(device)
-
-        weights = {"embed": get("model.embed_tokens.weight", (c.vocab_size, c.hidden_size)),
-                   "norm": get("model.norm.weight", (c.hidden_size,))}
-        weights["lm_head"] = (weights["embed"] if c.tie_word_embeddings
-                              else get("lm_head.weight", (c.vocab_size, c.hidden_size)))
-        names = LAYER_TENSORS + (BIASES if c.attention_bias else ())
-        layers = [{n: get(f"model.layers.{i}.{n}", shapes[n]) for n in names} for i in range(c.num_layers)]
-        return cls(config, weights, layers, kernels)
+        dtype = dtype or ckpt.info("model.embed_tokens.weight").dtype
+        backend = make_backend(device)
+        plan = ResidencyPlan.from_fraction(config.num_layers, 1.0)
+        return cls(config, W.load(ckpt, config, plan, backend, dtype), kernels)
 
     # -- the two phases ----------------------------------------------------------------------------------------
-    def prefill(self, cache, seq_id, tokens: list[int]) -> torch.Tensor:
-        """Run a new sequence's prompt, writing its K/V into `cache`; returns the last position's logits `[vocab]`."""
-        n = len(tokens)
-        cache.allocate(seq_id, n)
-        ids = torch.tensor(tokens, device=self.weights["embed"].device)
-        positions = torch.arange(n, device=ids.device)
-        slots = cache.slot_mapping(seq_id, 0, n)
-        h = self._run(ids, positions, cache, slots, lambda q, k, v, layer: self._causal(q, k, v))
-        return self._logits(h[-1:])[0]
+    def prefill(self, cache, seq_ids: list, prompts: list[list[int]]) -> torch.Tensor:
+        """Run new sequences' prompts in one pass, writing their K/V into `cache` (which must hold them
+        already: `cache.allocate`); returns each sequence's last-position logits `[len(seq_ids), vocab]`."""
+        lens = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        slots = torch.cat([cache.slot_mapping(s, 0, n) for s, n in zip(seq_ids, lens)])
+        bounds = [0]
+        for n in lens:
+            bounds.append(bounds[-1] + n)
+
+        def attend(q, k, v, layer):
+            return torch.cat([self._causal(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds, bounds[1:])])
+        h = self._run(ids, positions, cache, slots, attend)
+        return self._logits(h[torch.tensor(bounds[1:], device=self.device) - 1])
 
     def decode_step(self, cache, seq_ids: list, tokens: list[int]) -> torch.Tensor:
-        """One new token for each sequence (already in `cache`); returns logits `[batch, vocab]`."""
-        for s in seq_ids:
-            cache.append(s, 1)
+        """One new token for each sequence, which must have room for it (`cache.append`); returns logits
+        `[batch, vocab]`."""
         meta = cache.batch(seq_ids)
-        ids = torch.tensor(tokens, device=self.weights["embed"].device)
+        ids = torch.tensor(tokens, device=self.device)
         positions = meta.seq_lens.long() - 1
 
         def attend(q, k, v, layer):
@@ -169,26 +177,35 @@ class DecoderModel:
 
     # -- the layer stack ---------------------------------------------------------------------------------------
     def _run(self, ids, positions, cache, slots, attend):
-        c, ops = self.config, self.ops
-        h = F.embedding(ids, self.weights["embed"])
+        c, ops, streamer = self.config, self.ops, self.streamer
+        qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if streamer is not None:
+            streamer.begin_step()
+        h = F.embedding(ids, self.top["embed"])
         residual = None
-        for i, w in enumerate(self.layers):
+        for i, w in enumerate(self.weights.layers):
+            if w is None:
+                w = dict(zip(self.weights.names, streamer.acquire(i)))
             if residual is None:
-                residual, x = h, ops.rms_norm(h, w["input_layernorm.weight"], c.rms_norm_eps)
+                residual, x = h, ops.rms_norm(h, w["input_layernorm"], c.rms_norm_eps)
             else:
-                x, residual = ops.rms_norm(h, w["input_layernorm.weight"], c.rms_norm_eps, residual)
-            q = F.linear(x, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")).view(-1, c.num_heads, c.head_dim)
-            k = F.linear(x, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")).view(-1, c.num_kv_heads, c.head_dim)
-            v = F.linear(x, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")).view(-1, c.num_kv_heads, c.head_dim)
+                x, residual = ops.rms_norm(h, w["input_layernorm"], c.rms_norm_eps, residual)
+            qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+            q = qkv[:, :qd].view(-1, c.num_heads, c.head_dim)
+            k = qkv[:, qd:qd + kvd].view(-1, c.num_kv_heads, c.head_dim)
+            v = qkv[:, qd + kvd:].view(-1, c.num_kv_heads, c.head_dim)
             ops.rotary(positions, q, k, self.rope)
             k_cache, v_cache = cache.layer(i)
             ops.write_kv(k, v, k_cache, v_cache, slots)
-            attn = attend(q, k, v, i).reshape(-1, c.num_heads * c.head_dim)
-            h = F.linear(attn, w["self_attn.o_proj.weight"])
-            x, residual = ops.rms_norm(h, w["post_attention_layernorm.weight"], c.rms_norm_eps, residual)
-            gate_up = torch.cat([F.linear(x, w["mlp.gate_proj.weight"]), F.linear(x, w["mlp.up_proj.weight"])], -1)
-            h = F.linear(ops.silu_and_mul(gate_up), w["mlp.down_proj.weight"])
-        return ops.rms_norm(h, self.weights["norm"], c.rms_norm_eps, residual)[0]
+            attn = attend(q, k, v, i).reshape(-1, qd)
+            h = F.linear(attn, w["o_proj"])
+            x, residual = ops.rms_norm(h, w["post_attention_layernorm"], c.rms_norm_eps, residual)
+            h = F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
+            if self.weights.layers[i] is None:
+                streamer.release(i)
+        if streamer is not None:
+            streamer.end_step()
+        return ops.rms_norm(h, self.top["norm"], c.rms_norm_eps, residual)[0]
 
     def _causal(self, q, k, v):
         """Causal attention of a prompt over itself: q `[n, Hq, D]`, k/v `[n, Hkv, D]`."""
@@ -199,4 +216,4 @@ class DecoderModel:
         return out.transpose(0, 1)
 
     def _logits(self, h):
-        return F.linear(h, self.weights["lm_head"]).float()
+        return F.linear(h, self.top["lm_head"]).float()

@@ -214,17 +214,11 @@ def _state(model: nn.Module) -> _State:
 
 
 def _make_plan(model: nn.Module, config: OffloadConfig, layer_params: list[list[nn.Parameter]]) -> ResidencyPlan:
-    n = len(layer_params)
-    if config.resident_layers is not None:
-        return ResidencyPlan.from_layers(n, config.resident_layers)
-    if config.device_budget_bytes is not None:
-        layer_bytes = [sum(_nbytes(p) for p in ps) for ps in layer_params]
-        in_layers = {id(p) for ps in layer_params for p in ps}
-        fixed = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_layers)
-        fixed += sum(_nbytes(b) for b in model.buffers())
-        return ResidencyPlan.from_budget(layer_bytes, config.device_budget_bytes, fixed,
-                                         ring_slots=config.prefetch_depth + 1)
-    return ResidencyPlan.from_fraction(n, config.resident_fraction)
+    layer_bytes = [sum(_nbytes(p) for p in ps) for ps in layer_params]
+    in_layers = {id(p) for ps in layer_params for p in ps}
+    fixed = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_layers)
+    fixed += sum(_nbytes(b) for b in model.buffers())
+    return config.plan(layer_bytes, fixed)
 
 
 def _check_not_shared(model: nn.Module, layers: nn.ModuleList, plan: ResidencyPlan) -> None:

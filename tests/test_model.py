@@ -22,10 +22,15 @@ def _generate(dec, prompts, n, block_size=4):
     c = dec.config
     cache = tidal.PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_device_blocks=64,
                                num_host_blocks=4, dtype=torch.float32, device="cpu")
-    first = [dec.prefill(cache, i, p) for i, p in enumerate(prompts)]
+    ids = list(range(len(prompts)))
+    for i, p in zip(ids, prompts):
+        cache.allocate(i, len(p))
+    first = dec.prefill(cache, ids, prompts)
     out = [[int(l.argmax())] for l in first]
     for _ in range(n - 1):
-        logits = dec.decode_step(cache, list(range(len(prompts))), [o[-1] for o in out])
+        for i in ids:
+            cache.append(i, 1)
+        logits = dec.decode_step(cache, ids, [o[-1] for o in out])
         for o, l in zip(out, logits):
             o.append(int(l.argmax()))
     cache.close()
@@ -69,10 +74,10 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
 
 
 def test_the_triton_kernels_carry_a_whole_generation(tmp_path):
-    """The same generation through tidal.kernels' dispatcher, which with TRITON_INTERPRET=1 (set by conftest
-    without a GPU) runs every Triton kernel on the CPU tensors."""
+    """The same generation through the Triton kernels, which with TRITON_INTERPRET=1 (set by conftest without
+    a GPU) run on the CPU tensors."""
     ref, path = _saved(tmp_path, "qwen2", num_layers=2)
-    dec = DecoderModel.load(path, kernels="auto")
+    dec = DecoderModel.load(path, kernels="triton")
     got, _ = _generate(dec, PROMPTS[:2], 4, block_size=8)
     for prompt, tokens in zip(PROMPTS[:2], got):
         assert tokens == greedy(ref, torch.tensor([prompt]), 4)[0, len(prompt):].tolist()
