@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_offload.py", "tests/test_backends.py", "tests/test_plan.py", "tests/test_native.py",
-         "tests/test_kv_cache.py", "tests/test_kv_support.py", "tests/test_kv_random.py"]
+         "tests/test_kv_cache.py", "tests/test_kv_support.py", "tests/test_kv_random.py", "tests/test_engine.py"]
 
 
 def run(ctx) -> dict:

@@ -20,15 +20,18 @@ import bisect
 import dataclasses
 import logging
 import operator
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import native
+from .arena import align_up
 from .backends import make_backend, resolve_device
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
-from .errors import ConfigError, GenerationError, OutOfBlocks, OutOfDeviceMemory, PromptError, TransferError
+from .errors import ConfigError, GenerationError, OutOfBlocks, OutOfDeviceMemory, PromptError, StateError, TransferError
 from .kv import PagedKVCache
 from .model import KERNEL_CHOICES, DecoderModel, ModelConfig
 from .sampling import SamplingParams, sample
@@ -70,6 +73,32 @@ class EngineConfig:
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Bytes a model holds on each tier: `device` (weights, streaming ring, KV pool), `host` (streamed and
+    parked weights, KV host pool) and `disk` (weights that are only in the checkpoint files right now)."""
+
+    device: int
+    host: int
+    disk: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """`Engine.placement`: the validated settings, the residency plan, the KV cache's shape, and the bytes
+    the engine will hold on each tier once loaded and active."""
+
+    engine: EngineConfig
+    offload: OffloadConfig
+    device: torch.device
+    checkpoint: Checkpoint
+    model: ModelConfig
+    dtype: torch.dtype
+    plan: object
+    kv: object  # KVCacheConfig
+    footprint: Footprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +172,13 @@ class Engine:
     with `add_request`, `step`, `abort` and `has_unfinished`. `close()` releases device and pinned memory."""
 
     def __init__(self, model: DecoderModel, cache: PagedKVCache, config: EngineConfig, offload: OffloadConfig,
-                 plan, backend, weights, streamer: LayerStreamer | None):
+                 plan, backend, weights, streamer: LayerStreamer | None, path: str = "", name: str | None = None):
         self.model, self.cache, self.config, self.offload_config = model, cache, config, offload
+        self.path, self.name = str(path), name or Path(str(path)).name or "model"
+        self.preempted = None  # a preemption.Preempted while preempted
+        self._parked: dict[int, _Request] = {}  # requests whose KV was swapped out by preempt()
+        self._carry: list[StepOutput] = []  # outputs of the step resume() ran, returned by the next step()
+        self._prefill_seconds = 0.0
         self.plan, self.backend, self.weights, self.streamer = plan, backend, weights, streamer
         self.max_batch_size = config.max_batch_size or 256
         self.max_model_len = model.config.max_position_embeddings
@@ -181,32 +215,21 @@ class Engine:
         """
         from . import weights as W
 
-        cfg = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, host_kv_bytes=host_kv_bytes,
-                           max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                           preemption=preemption, kernels=kernels)
-        offload = OffloadConfig(resident_fraction=resident_fraction, resident_layers=resident_layers,
-                                prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ConfigError(f"dtype={dtype!r} must be a floating-point torch dtype")
-        ckpt = Checkpoint(path)
-        config = ModelConfig.from_hf(ckpt.config, str(ckpt.path / "config.json"))
-        W.check(ckpt, config)
-        dtype = dtype or ckpt.info("model.embed_tokens.weight").dtype
-        plan = offload.plan([W.layer_bytes(config, dtype)] * config.num_layers, W.top_bytes(config, dtype))
-        backend = make_backend(resolve_device(offload.device))
+        p = cls.placement(path, device=device, dtype=dtype, resident_fraction=resident_fraction,
+                          resident_layers=resident_layers, prefetch_depth=prefetch_depth, block_size=block_size,
+                          kv_cache_bytes=kv_cache_bytes, max_batch_size=max_batch_size, host_kv_bytes=host_kv_bytes,
+                          preemption=preemption, kernels=kernels, max_prefill_tokens=max_prefill_tokens,
+                          device_budget_bytes=device_budget_bytes)
+        cfg, plan, kv = p.engine, p.plan, p.kv
+        backend = make_backend(p.device)
         weights = streamer = cache = None
         try:
-            weights = W.load(ckpt, config, plan, backend, dtype)
+            weights = W.load(p.checkpoint, p.model, plan, backend, p.dtype)
             if weights.streamed:
                 streamer = LayerStreamer(backend, plan, weights.streamed, prefetch_depth)
-            model = DecoderModel(config, weights, cfg.kernels, streamer)
-            device_kv = cfg.kv_cache_bytes if cfg.kv_cache_bytes is not None else _default_kv_bytes(backend)
-            host_kv = cfg.host_kv_bytes if cfg.host_kv_bytes is not None else min(device_kv, HOST_KV_CAP)
-            cache = PagedKVCache(config.num_layers, config.num_kv_heads, config.head_dim, block_size,
-                                 dtype=dtype, device_bytes=device_kv, host_bytes=host_kv, backend=backend)
-            if cache.config.num_device_blocks < 1:
-                raise ConfigError(f"kv_cache_bytes={device_kv} holds no KV block of "
-                                  f"{cache.config.block_bytes} bytes")
+            model = DecoderModel(p.model, weights, cfg.kernels, streamer, backend)
+            cache = PagedKVCache(kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.block_size, kv.num_device_blocks,
+                                 kv.num_host_blocks, dtype=kv.dtype, backend=backend)
         except BaseException as exc:
             for part in (cache, streamer):
                 if part is not None:
@@ -215,13 +238,57 @@ class Engine:
                 weights.release()
             backend.close()
             if isinstance(exc, torch.OutOfMemoryError):
-                raise OutOfDeviceMemory(f"{path}: {backend.device} ran out of memory placing {plan}: {exc}") from exc
+                raise OutOfDeviceMemory(f"{path}: {backend.device} ran out of memory placing {plan} "
+                                        f"({p.footprint.device} device bytes planned): {exc}") from exc
             raise
-        engine = cls(model, cache, cfg, offload, plan, backend, weights, streamer)
+        engine = cls(model, cache, cfg, p.offload, plan, backend, weights, streamer, path)
         log.info("tidal: engine %s on %s, %s, kernels %s, KV %d device / %d host blocks of %d tokens",
-                 config.model_type, backend.device, plan, model.ops.path, cache.config.num_device_blocks,
-                 cache.config.num_host_blocks, block_size)
+                 p.model.model_type, backend.device, plan, model.ops.path, kv.num_device_blocks,
+                 kv.num_host_blocks, block_size)
         return engine
+
+    @classmethod
+    def placement(cls, path, device=None, dtype: torch.dtype | None = None, resident_fraction: float = 1.0,
+                  resident_layers=None, prefetch_depth: int = 2, block_size: int = 16,
+                  kv_cache_bytes: int | None = None, max_batch_size: int | None = None, *,
+                  host_kv_bytes: int | None = None, preemption: str = "swap", kernels: str = "auto",
+                  max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None) -> "Placement":
+        """What `from_pretrained` with these arguments would place where, and the bytes it would hold on each
+        tier, from the checkpoint's headers alone (nothing is allocated). Validates every argument."""
+        from . import weights as W
+        from .kv import KVCacheConfig
+
+        cfg = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, host_kv_bytes=host_kv_bytes,
+                           max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+                           preemption=preemption, kernels=kernels)
+        offload = OffloadConfig(resident_fraction=resident_fraction, resident_layers=resident_layers,
+                                prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ConfigError(f"dtype={dtype!r} must be a floating-point torch dtype")
+        target = resolve_device(offload.device)
+        ckpt = Checkpoint(path)
+        config = ModelConfig.from_hf(ckpt.config, str(ckpt.path / "config.json"))
+        W.check(ckpt, config)
+        dtype = dtype or ckpt.info("model.embed_tokens.weight").dtype
+        plan = offload.plan([W.layer_bytes(config, dtype)] * config.num_layers, W.top_bytes(config, dtype))
+        layout = W.empty(config, plan, dtype)
+        streamed = len(plan.streamed_layers)
+        weight_device = sum(layout.region_bytes(k) for k in layout.device_keys)
+        ring = min(prefetch_depth + 1, streamed) * layout.layer_bytes if streamed else 0
+        device_kv = cfg.kv_cache_bytes if cfg.kv_cache_bytes is not None else \
+            _default_kv_bytes(target, weight_device + ring)
+        host_kv = cfg.host_kv_bytes if cfg.host_kv_bytes is not None else min(device_kv, HOST_KV_CAP)
+        kv = KVCacheConfig(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype=dtype,
+                           device=str(target), device_bytes=device_kv, host_bytes=host_kv)
+        if kv.num_device_blocks < 1:
+            raise ConfigError(f"kv_cache_bytes={device_kv} holds no KV block of {kv.block_bytes} bytes")
+        staging = kv.staging_blocks * kv.block_bytes if target.type != "cpu" else 0
+        footprint = Footprint(
+            device=weight_device + ring + kv.num_device_blocks * kv.block_bytes + staging,
+            host=(align_up(streamed * align_up(layout.layer_bytes)) if streamed else 0) +
+            align_up(max(1, kv.num_host_blocks * kv.block_bytes)),
+            disk=0)
+        return Placement(cfg, offload, target, ckpt, config, dtype, plan, kv, footprint)
 
     # -- the step API ----------------------------------------------------------------------------------------
     def add_request(self, prompt, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
@@ -235,6 +302,11 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Run one scheduling step; returns one StepOutput per request that produced a token or finished."""
         self._check_open()
+        if self.preempted is not None:
+            raise StateError(f"{self.name}: preempted; resume() it before stepping")
+        if self._carry:
+            carried, self._carry = self._carry, []
+            return carried
         produced: dict[int, list[int]] = {}
         self.cache.poll()
         self._settle_swap_ins(block=not self.running)  # with nothing to decode, there is nothing to overlap
@@ -258,13 +330,15 @@ class Engine:
         for queue in (self.waiting, self.running, self.swapped):
             if r in queue:
                 queue.remove(r)
+        self._parked.pop(r.id, None)
         if r.state in ("running", "swapped"):
             self.cache.free(r.id)
+        self._carry = [o for o in self._carry if o.request_id != request_id]
         r.state, r.finish_reason = "finished", "aborted"
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapping_in or self.swapped)
+        return bool(self.waiting or self.running or self.swapping_in or self.swapped or self._parked or self._carry)
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
@@ -366,10 +440,14 @@ class Engine:
         r.state = "waiting"
         bisect.insort(self.waiting, r, key=lambda q: q.id)
 
-    def _settle_swap_ins(self, block: bool) -> None:
+    def _settle_swap_ins(self, block: bool, raise_errors: bool = True) -> None:
         for r in list(self.swapping_in):
             if block or r.swap.done():
-                self._wait_swap_in(r)
+                try:
+                    self._wait_swap_in(r)
+                except TransferError:
+                    if raise_errors:
+                        raise
 
     def _wait_swap_in(self, r: _Request) -> None:
         """Wait for r's swap-in; r runs from the next decode on. On a failed copy the cache has put r back
@@ -427,9 +505,11 @@ class Engine:
             self._prefill(batch, produced)
 
     def _prefill(self, batch: list[_Request], produced: dict) -> None:
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 logits = self.model.prefill(self.cache, [r.id for r in batch], [r.tokens for r in batch])
+            self._prefill_seconds += time.perf_counter() - t0
         except BaseException:
             for r in batch:
                 self.cache.free(r.id)
@@ -444,10 +524,17 @@ class Engine:
 
     def _decode(self, produced: dict) -> None:
         batch = list(self.running)
-        for r in batch:
-            self.cache.append(r.id, 1)
-        with torch.inference_mode():
-            logits = self.model.decode_step(self.cache, [r.id for r in batch], [r.output[-1] for r in batch])
+        lengths = [self.cache.num_tokens(r.id) for r in batch]
+        try:
+            for r in batch:
+                self.cache.append(r.id, 1)
+            with torch.inference_mode():
+                logits = self.model.decode_step(self.cache, [r.id for r in batch], [r.output[-1] for r in batch])
+        except BaseException:  # nothing was produced: give back the room made for this step's tokens
+            for r, n in zip(batch, lengths):
+                if self.cache.num_tokens(r.id) > n:
+                    self.cache.truncate(r.id, n)
+            raise
         self._counts["decode_steps"] += 1
         self._counts["decode_tokens"] += len(batch)
         self._emit(batch, logits, produced)
@@ -472,6 +559,57 @@ class Engine:
         r.state, r.finish_reason = "finished", reason
         del self._requests[r.id]
         self._finished_now.append((r.id, reason))
+
+    # -- preemption (preemption.py) --------------------------------------------------------------------------
+    def preempt(self, weights: str = "host", kv: str = "swap"):
+        """Move this model off the device; returns a PreemptionReport. `weights`: "host" (device copies
+        released, a pinned host copy kept), "disk" (no copy kept; resume reads the checkpoint) or "keep".
+        `kv`: "swap" (running requests' blocks to the host pool, in one batched copy) or "drop" (freed;
+        recomputed by prefill after resume). Requests stay queued; `step()` raises StateError until `resume()`."""
+        from .preemption import preempt
+
+        self._check_open()
+        return preempt(self, weights, kv)
+
+    def resume(self, pipelined: bool = True):
+        """Bring a preempted model back; returns a ResumeReport. With `pipelined`, the first step starts when
+        the first layers are back and the rest arrive while it computes; otherwise everything is reloaded
+        first. With requests in flight, resume runs their first step (timed as time to first token); the
+        next `step()` returns its outputs. A failed read or copy leaves the model preempted and resumable."""
+        from .preemption import resume
+
+        self._check_open()
+        return resume(self, pipelined)
+
+    def _park(self, swapped: list, dropped: list) -> None:
+        """preempt(): `swapped` requests' KV went to the host pool, `dropped` requests' KV is to be freed."""
+        for r in swapped:
+            self.running.remove(r)
+            r.state = "swapped"
+            self._parked[r.id] = r
+        for r in dropped:
+            self.running.remove(r)
+            self.cache.free(r.id)
+            self._counts["recomputes"] += 1
+            r.state = "waiting"
+            bisect.insort(self.waiting, r, key=lambda q: q.id)
+
+    def _unpark(self, ids: list, handle) -> None:
+        """resume(): the parked requests `ids` come back with the one batched swap-in `handle`."""
+        for rid in ids:
+            r = self._parked.pop(rid)
+            r.state, r.swap = "swapping_in", handle
+            self.swapping_in.append(r)
+
+    def memory(self) -> "Footprint":
+        """Bytes this model holds now on the device, in host memory, and only on disk."""
+        w = self.weights
+        device = w.device_bytes + (self.streamer.slot_bytes if self.streamer else 0) + self.cache.device_bytes
+        host = w.host_bytes + self.cache.arena.nbytes
+        disk = 0
+        if self.preempted is not None and self.preempted.weights == "disk":
+            disk = sum(w.region_bytes(k) for k in w.device_keys) + w.layer_bytes * len(self.plan.streamed_layers)
+        return Footprint(device, host, disk)
 
     # -- reporting and teardown ------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -529,8 +667,9 @@ def _token_list(prompt) -> list[int]:
     return [operator.index(t) for t in tokens]
 
 
-def _default_kv_bytes(backend) -> int:
-    if backend.device.type != "cuda":
+def _default_kv_bytes(device: torch.device, weight_bytes: int) -> int:
+    """Most of the device memory left once `weight_bytes` of weights are placed; 512 MiB on the CPU."""
+    if device.type != "cuda":
         return CPU_KV_BYTES
-    free, _ = torch.cuda.mem_get_info(backend.device)
-    return max(0, int(free * CUDA_KV_FRACTION) - CUDA_HEADROOM)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, int((free - weight_bytes) * CUDA_KV_FRACTION) - CUDA_HEADROOM)

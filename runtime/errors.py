@@ -41,6 +41,10 @@ class OutOfDeviceMemory(TidalError, RuntimeError):
     """A model does not fit the device budget; the message gives the numbers."""
 
 
+class StateError(TidalError, RuntimeError):
+    """An operation that the object's state does not allow (resuming a model that is not preempted, ...)."""
+
+
 class PromptError(TidalError, ValueError):
     """A prompt the engine can never run (empty, a token outside the vocabulary, longer than the cache or the
     model's positions). Raised by `add_request` for that request alone."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TidalError
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 KERNEL_CHOICES = ("auto", "triton", "reference")
@@ -98,37 +98,44 @@ class Ops:
             raise ConfigError(f"kernels={kernels!r} must be one of {KERNEL_CHOICES}")
         wanted = kernels if kernels != "auto" else ("triton" if device.type == "cuda" else "reference")
         self.path = K.resolve_path(torch.empty(0, device=device), wanted)  # BackendError if Triton cannot run
-        self._K, self._p = K, wanted
+        # The references are called directly: the dispatcher's input checks guard callers' tensors, and the
+        # decoder builds its own, so on the CPU they would only add per-op overhead to every step.
+        self._K = K.reference if wanted == "reference" else K
+        self._p = {} if wanted == "reference" else {"path": wanted}
 
     def rms_norm(self, x, w, eps, residual=None):
-        return self._K.rms_norm(x, w, eps, residual, path=self._p)
+        return self._K.rms_norm(x, w, eps, residual, **self._p)
 
     def rotary(self, positions, q, k, cache):
-        return self._K.rotary_embedding(positions, q, k, cache, path=self._p)
+        return self._K.rotary_embedding(positions, q, k, cache, **self._p)
 
     def silu_and_mul(self, x):
-        return self._K.silu_and_mul(x, path=self._p)
+        return self._K.silu_and_mul(x, **self._p)
 
     def write_kv(self, k, v, k_cache, v_cache, slots):
-        return self._K.write_kv(k, v, k_cache, v_cache, slots, path=self._p)
+        return self._K.write_kv(k, v, k_cache, v_cache, slots, **self._p)
 
     def attention(self, q, k_cache, v_cache, block_tables, seq_lens, scale):
+        if not self._p:
+            return self._K.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
         return self._K.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                              check_lens=False, path=self._p)
+                                              check_lens=False, **self._p)
 
 
 class DecoderModel:
     """A decoder over loaded weights (`weights.LoadedWeights`), ready for `prefill` and `decode_step` over a
     `PagedKVCache`. With a `streamer`, layers whose `weights.layers[i]` is None are streamed through it."""
 
-    def __init__(self, config: ModelConfig, weights, kernels: str = "auto", streamer=None):
+    def __init__(self, config: ModelConfig, weights, kernels: str = "auto", streamer=None, backend=None):
         self.config, self.weights = config, weights
-        self.top = weights.top
-        self.device = self.top["embed"].device
+        self.device = weights.top["embed"].device
         self.ops = Ops(kernels, self.device)
-        self.streamer = streamer
-        if streamer is None and any(w is None for w in weights.layers):
+        self.streamer, self.backend = streamer, backend
+        self.streamed = frozenset(weights.streamed)
+        if streamer is None and self.streamed:
             raise ConfigError("streamed layers need a LayerStreamer")
+        # region key -> the Transfer bringing it back (pipelined resume): compute waits for it on first use
+        self.arriving: dict = {}
         self.scale = config.head_dim ** -0.5
         self.rope = rope_cache(config, config.max_position_embeddings, self.device)
 
@@ -143,8 +150,11 @@ class DecoderModel:
         config = ModelConfig.from_hf(ckpt.config, str(ckpt.path / "config.json"))
         dtype = dtype or ckpt.info("model.embed_tokens.weight").dtype
         backend = make_backend(device)
-        plan = ResidencyPlan.from_fraction(config.num_layers, 1.0)
-        return cls(config, W.load(ckpt, config, plan, backend, dtype), kernels)
+        try:  # every layer resident: the backend only places tensors, nothing streams
+            weights = W.load(ckpt, config, ResidencyPlan.from_fraction(config.num_layers, 1.0), backend, dtype)
+        finally:
+            backend.close()
+        return cls(config, weights, kernels)
 
     # -- the two phases ----------------------------------------------------------------------------------------
     def prefill(self, cache, seq_ids: list, prompts: list[list[int]]) -> torch.Tensor:
@@ -181,11 +191,18 @@ class DecoderModel:
         qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if streamer is not None:
             streamer.begin_step()
-        h = F.embedding(ids, self.top["embed"])
+        self._arrived("embed")
+        top = self.weights.top
+        if top is None:
+            raise TidalError("the model's weights are preempted; resume it first")
+        h = F.embedding(ids, top["embed"])
         residual = None
-        for i, w in enumerate(self.weights.layers):
-            if w is None:
+        for i in range(c.num_layers):
+            if i in self.streamed:
                 w = dict(zip(self.weights.names, streamer.acquire(i)))
+            else:
+                self._arrived(i)
+                w = self.weights.layers[i]
             if residual is None:
                 residual, x = h, ops.rms_norm(h, w["input_layernorm"], c.rms_norm_eps)
             else:
@@ -201,11 +218,18 @@ class DecoderModel:
             h = F.linear(attn, w["o_proj"])
             x, residual = ops.rms_norm(h, w["post_attention_layernorm"], c.rms_norm_eps, residual)
             h = F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
-            if self.weights.layers[i] is None:
+            if i in self.streamed:
                 streamer.release(i)
         if streamer is not None:
             streamer.end_step()
-        return ops.rms_norm(h, self.top["norm"], c.rms_norm_eps, residual)[0]
+        self._arrived("head")
+        return ops.rms_norm(h, top["norm"], c.rms_norm_eps, residual)[0]
+
+    def _arrived(self, key) -> None:
+        if self.arriving:
+            transfer = self.arriving.pop(key, None)
+            if transfer is not None:
+                self.backend.wait_for(transfer)
 
     def _causal(self, q, k, v):
         """Causal attention of a prompt over itself: q `[n, Hq, D]`, k/v `[n, Hkv, D]`."""
@@ -216,4 +240,4 @@ class DecoderModel:
         return out.transpose(0, 1)
 
     def _logits(self, h):
-        return F.linear(h, self.top["lm_head"]).float()
+        return F.linear(h, self.weights.top["lm_head"]).float()

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from .arena import HostArena, align_up, layout
+from .arena import HostArena, TensorSlot, align_up, layout
 from .backends import Backend
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
@@ -84,23 +84,6 @@ def top_tensors(config) -> dict[str, tuple[str, tuple[int, ...]]]:
     return names
 
 
-@dataclasses.dataclass
-class LoadedWeights:
-    """Weights in their tiers. `layers[i]` is a dict of device tensors for a resident layer, None for a
-    streamed one (its bytes are in `streamed[i]`, in the host arena)."""
-
-    top: dict[str, torch.Tensor]
-    layers: list[dict[str, torch.Tensor] | None]
-    names: tuple[str, ...]  # fused tensor names, in region order
-    streamed: dict[int, StreamedLayer]
-    arena: HostArena | None
-
-    def release(self) -> None:
-        if self.arena is not None:
-            self.arena.release()
-            self.arena = None
-
-
 def layer_bytes(config, dtype: torch.dtype) -> int:
     n = 0
     for t in layer_layout(config):
@@ -129,37 +112,130 @@ def check(ckpt: Checkpoint, config) -> None:
             raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected a float dtype")
 
 
+EMBED, HEAD = "embed", "head"  # region keys of the embeddings and of the final norm + LM head; layers: index
+TOP_REGIONS = {EMBED: ("embed",), HEAD: ("norm", "lm_head")}
+
+
+@dataclasses.dataclass
+class LoadedWeights:
+    """Weights in their tiers. Every tensor lives in a region: "embed", "head" (final norm and LM head) and one
+    per layer, each laid out as `arena.layout` says, so that one copy moves a whole region between tiers.
+
+    `device[key]` is the device region of "embed", "head" and each resident layer (absent while preempted);
+    `layers[i]` holds views of its tensors, or None for a streamed layer, whose bytes are in `streamed[i]`
+    (a region of the host `arena`). `parked` is the host copy of the device regions while they are preempted
+    to the host."""
+
+    config: object
+    dtype: torch.dtype
+    names: tuple[str, ...]  # layer tensor names, in region order
+    layer_slots: tuple[TensorSlot, ...]
+    layer_bytes: int
+    top_layout: dict  # "embed"/"head" -> (names, slots, nbytes)
+    resident: tuple[int, ...]
+    device: dict
+    top: dict[str, torch.Tensor] | None
+    layers: list[dict[str, torch.Tensor] | None]
+    streamed: dict[int, StreamedLayer]
+    arena: HostArena | None
+    parked: dict | None = None  # key -> host region
+    parked_arena: HostArena | None = None
+
+    def region_bytes(self, key) -> int:
+        return self.top_layout[key][2] if key in TOP_REGIONS else self.layer_bytes
+
+    @property
+    def device_keys(self) -> list:
+        """The regions that live on the device when the model is active, in the order a forward reads them."""
+        return [EMBED] + list(self.resident) + [HEAD]
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(r.numel() for r in self.device.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(a.nbytes for a in (self.arena, self.parked_arena) if a is not None)
+
+    def bind(self, key, region: torch.Tensor) -> None:
+        """Make `region` the device home of `key` and point the views at it."""
+        self.device[key] = region
+        if key in TOP_REGIONS:
+            names, slots, _ = self.top_layout[key]
+            self.top = {**(self.top or {}), **{n: s.view(region) for n, s in zip(names, slots)}}
+            if "embed" in self.top and self.config.tie_word_embeddings:
+                self.top["lm_head"] = self.top["embed"]
+        else:
+            self.layers[key] = {n: s.view(region) for n, s in zip(self.names, self.layer_slots)}
+
+    def unbind_device(self) -> int:
+        """Drop every device region (their memory goes back to the allocator); returns the bytes dropped."""
+        dropped = self.device_bytes
+        self.device.clear()
+        self.top = None
+        for i in self.resident:
+            self.layers[i] = None
+        return dropped
+
+    def release(self) -> None:
+        for name in ("arena", "parked_arena"):
+            arena = getattr(self, name)
+            if arena is not None:
+                arena.release()
+                setattr(self, name, None)
+        self.parked = None
+
+
 def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype: torch.dtype) -> LoadedWeights:
     """Read every weight of `ckpt` into its tier under `plan`, converted to `dtype`. On failure, nothing is
     left allocated."""
     check(ckpt, config)
-    fused = layer_layout(config)
-    slots, region_bytes = layout([(t.shape, dtype) for t in fused])
+    w = empty(config, plan, dtype)
     streamed = plan.streamed_layers
-    arena = HostArena(backend, len(streamed) * align_up(region_bytes)) if streamed else None
+    w.arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
     try:
-        top = {}
-        for ours, (name, shape) in top_tensors(config).items():
-            top[ours] = _to_device(_read(ckpt, name, torch.empty(shape, dtype=dtype)), backend)
-        if config.tie_word_embeddings:
-            top["lm_head"] = top["embed"]
-        layers: list[dict[str, torch.Tensor] | None] = []
-        specs = {}
-        for i in range(config.num_layers):
-            if plan.resident[i]:
-                layers.append({t.name: _to_device(_read_fused(ckpt, i, t, torch.empty(t.shape, dtype=dtype)),
-                                                  backend) for t in fused})
-                continue
-            region = arena.alloc(region_bytes)
-            for t, slot in zip(fused, slots):
-                _read_fused(ckpt, i, t, slot.view(region))
-            specs[i] = StreamedLayer(i, region, tuple(slots))
-            layers.append(None)
+        for key in w.device_keys:
+            region = backend.empty(w.region_bytes(key))
+            host = region if backend.device.type == "cpu" else torch.empty(region.numel(), dtype=torch.uint8)
+            read_region(ckpt, w, key, host)
+            if host is not region:
+                region.copy_(host)
+            w.bind(key, region)
+        for i in streamed:
+            region = w.arena.alloc(w.layer_bytes)
+            read_region(ckpt, w, i, region)
+            w.streamed[i] = StreamedLayer(i, region, w.layer_slots)
     except BaseException:
-        if arena is not None:
-            arena.release()
+        w.unbind_device()
+        w.release()
         raise
-    return LoadedWeights(top, layers, tuple(t.name for t in fused), specs, arena)
+    return w
+
+
+def empty(config, plan: ResidencyPlan, dtype: torch.dtype) -> LoadedWeights:
+    """The layout of `config`'s weights under `plan`, with nothing allocated."""
+    fused = layer_layout(config)
+    slots, nbytes = layout([(t.shape, dtype) for t in fused])
+    top = top_tensors(config)
+    top_layout = {}
+    for key, names in TOP_REGIONS.items():
+        names = tuple(n for n in names if n in top)
+        region_slots, region_bytes = layout([(top[n][1], dtype) for n in names])
+        top_layout[key] = (names, tuple(region_slots), region_bytes)
+    return LoadedWeights(config, dtype, tuple(t.name for t in fused), tuple(slots), nbytes, top_layout,
+                         plan.resident_layers, {}, None, [None] * config.num_layers, {}, None)
+
+
+def read_region(ckpt: Checkpoint, w: LoadedWeights, key, region: torch.Tensor) -> None:
+    """Read region `key`'s tensors from the checkpoint into the host bytes `region`."""
+    if key in TOP_REGIONS:
+        top = top_tensors(w.config)
+        names, slots, _ = w.top_layout[key]
+        for ours, slot in zip(names, slots):
+            _read(ckpt, top[ours][0], slot.view(region))
+        return
+    for t, slot in zip(layer_layout(w.config), w.layer_slots):
+        _read_fused(ckpt, key, t, slot.view(region))
 
 
 def _read_fused(ckpt: Checkpoint, layer: int, t: FusedTensor, out: torch.Tensor) -> torch.Tensor:
@@ -176,7 +252,3 @@ def _read(ckpt: Checkpoint, name: str, out: torch.Tensor) -> torch.Tensor:
         return ckpt.read_into(name, out)
     out.copy_(ckpt.read_into(name, torch.empty(info.shape, dtype=info.dtype)).view(out.shape))
     return out
-
-
-def _to_device(t: torch.Tensor, backend: Backend) -> torch.Tensor:
-    return t if backend.device.type == "cpu" else t.to(backend.device)

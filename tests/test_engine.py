@@ -34,9 +34,9 @@ def expected(saved):
             for arch, (model, _) in saved.items()}
 
 
-def engine(path, **kw):
-    kw = {"device": "cpu", "block_size": 4, "kv_cache_bytes": 1 << 20, **kw}
-    return tidal.Engine.from_pretrained(path, **kw)
+def engine(path, device, **kw):
+    kw = {"block_size": 4, "kv_cache_bytes": 1 << 20, **kw}
+    return tidal.Engine.from_pretrained(path, device=device, **kw)
 
 
 def blocks_bytes(path, n, block_size=4):
@@ -54,12 +54,13 @@ def assert_clean(eng):
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers(saved, expected, arch, fraction):
+def test_greedy_matches_transformers(saved, expected, arch, fraction, device):
     _, path = saved[arch]
-    with engine(path, resident_fraction=fraction) as eng:
+    with engine(path, device, resident_fraction=fraction) as eng:
         assert eng.generate(PROMPTS, max_new_tokens=NEW) == expected[arch]
         s = eng.stats()
-        assert s.kernel_path == "reference"  # auto on the CPU, even with TRITON_INTERPRET=1 set
+        # auto: the references on the CPU (even with TRITON_INTERPRET=1 set), Triton on CUDA
+        assert s.kernel_path == ("reference" if device == "cpu" else "triton")
         assert len(s.streamed_layers) == (0 if fraction == 1.0 else 3)
         # each forward streams every streamed layer once; the last one's lookahead (prefetch_depth = 2 layers
         # of the next forward) is copied too
@@ -70,15 +71,15 @@ def test_greedy_matches_transformers(saved, expected, arch, fraction):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_first_step_logits_within_1e_4(saved, arch):
+def test_first_step_logits_within_1e_4(saved, arch, device):
     model, path = saved[arch]
-    with engine(path, resident_fraction=0.5) as eng:
+    with engine(path, device, resident_fraction=0.5) as eng:
         ids = list(range(len(PROMPTS)))
         for i, p in zip(ids, PROMPTS):
             eng.cache.allocate(i, len(p))
         with torch.inference_mode():
             logits = eng.model.prefill(eng.cache, ids, PROMPTS)
-        for p, got in zip(PROMPTS, logits):
+        for p, got in zip(PROMPTS, logits.cpu()):
             with torch.no_grad():
                 want = model(torch.tensor([p])).logits[0, -1]
             assert (got - want).abs().max().item() <= 1e-4
@@ -87,11 +88,12 @@ def test_first_step_logits_within_1e_4(saved, arch):
 
 
 @pytest.mark.parametrize("mode,host_blocks", [("swap", 64), ("recompute", 64), ("swap", 1)])
-def test_kv_exhaustion_mid_decode_keeps_greedy_output(saved, expected, mode, host_blocks):
-    """8 blocks of 4 tokens: the three prompts need 3 + 1 + 1 blocks after prefill and 5 + 4 + 4 by the end,
+def test_kv_exhaustion_mid_decode_keeps_greedy_output(saved, expected, mode, host_blocks, device):
+    """8 blocks of 4 tokens: the three prompts need 3 + 1 + 1 blocks after prefill and 5 + 3 + 4 by the end,
     so decoding must preempt. A host pool of one block cannot take a swap: the engine recomputes instead."""
     _, path = saved["llama"]
-    with engine(path, kv_cache_bytes=blocks_bytes(path, 8), host_kv_bytes=blocks_bytes(path, host_blocks),
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 8),
+                host_kv_bytes=blocks_bytes(path, host_blocks),
                 preemption=mode) as eng:
         assert eng.generate(PROMPTS, max_new_tokens=NEW) == expected["llama"]
         s = eng.stats()
@@ -103,19 +105,20 @@ def test_kv_exhaustion_mid_decode_keeps_greedy_output(saved, expected, mode, hos
         assert_clean(eng)
 
 
-def test_kv_exhaustion_with_streaming_and_the_triton_kernels(saved, expected):
+def test_kv_exhaustion_with_streaming_and_the_triton_kernels(saved, expected, device):
     """Streamed layers, swap preemption and every Triton kernel (interpreter) in one generation."""
     _, path = saved["qwen2"]
-    with engine(path, resident_fraction=0.5, kernels="triton", kv_cache_bytes=blocks_bytes(path, 8)) as eng:
-        assert eng.stats().kernel_path == "triton-interpreter"
+    with engine(path, device, resident_fraction=0.5, kernels="triton",
+                kv_cache_bytes=blocks_bytes(path, 8)) as eng:
+        assert eng.stats().kernel_path == ("triton-interpreter" if device == "cpu" else "triton")
         assert eng.generate(PROMPTS, max_new_tokens=NEW) == expected["qwen2"]
         assert eng.stats().swap_outs >= 1
         assert_clean(eng)
 
 
-def test_a_lone_request_that_fills_the_cache_finishes_with_cache_full(saved, expected):
+def test_a_lone_request_that_fills_the_cache_finishes_with_cache_full(saved, expected, device):
     _, path = saved["llama"]
-    with engine(path, kv_cache_bytes=blocks_bytes(path, 3)) as eng:  # 12 tokens
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 3)) as eng:  # 12 tokens
         rid = eng.add_request(PROMPTS[0], max_new_tokens=NEW)  # 9 prompt tokens
         outs = []
         while eng.has_unfinished():
@@ -126,9 +129,9 @@ def test_a_lone_request_that_fills_the_cache_finishes_with_cache_full(saved, exp
         assert_clean(eng)
 
 
-def test_step_api_continuous_batching_and_abort(saved, expected):
+def test_step_api_continuous_batching_and_abort(saved, expected, device):
     _, path = saved["mistral"]
-    with engine(path, max_batch_size=2) as eng:
+    with engine(path, device, max_batch_size=2) as eng:
         a = eng.add_request(PROMPTS[0], max_new_tokens=3)
         b = eng.add_request(PROMPTS[1], max_new_tokens=NEW)
         c = eng.add_request(PROMPTS[2], max_new_tokens=NEW)
@@ -153,12 +156,12 @@ def test_step_api_continuous_batching_and_abort(saved, expected):
         assert_clean(eng)
 
 
-def test_stop_tokens_and_single_token_prompt(saved, expected):
+def test_stop_tokens_and_single_token_prompt(saved, expected, device):
     _, path = saved["llama"]
     want = expected["llama"][1]  # continuation of the one-token prompt
     stop = want[4]
     cut = want[:want.index(stop) + 1]
-    with engine(path) as eng:
+    with engine(path, device) as eng:
         outs = eng.generate([PROMPTS[1], PROMPTS[0]], max_new_tokens=NEW, stop_token_ids=[stop])
         assert outs[0] == cut  # the stop token ends the request and is returned
         other = expected["llama"][0]
@@ -166,9 +169,9 @@ def test_stop_tokens_and_single_token_prompt(saved, expected):
         assert_clean(eng)
 
 
-def test_seeded_sampling_is_reproducible(saved):
+def test_seeded_sampling_is_reproducible(saved, device):
     _, path = saved["qwen2"]
-    with engine(path, kv_cache_bytes=blocks_bytes(path, 8)) as eng:
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 8)) as eng:
         runs = [eng.generate(PROMPTS, max_new_tokens=NEW, temperature=1.0, top_p=0.9, seed=s) for s in (3, 3, 4)]
         assert runs[0] == runs[1]
         assert runs[0] != runs[2]
@@ -203,9 +206,9 @@ def test_sampling_follows_temperature_and_top_p():
         SamplingParams(temperature=-1)
 
 
-def test_bad_prompts_fail_alone(saved, expected):
+def test_bad_prompts_fail_alone(saved, expected, device):
     _, path = saved["llama"]
-    with engine(path, kv_cache_bytes=blocks_bytes(path, 4)) as eng:  # 16 tokens
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 4)) as eng:  # 16 tokens
         with pytest.raises(PromptError, match="KV cache holds 16"):
             eng.add_request(list(range(1, 18)))
         with pytest.raises(PromptError, match="outside the vocabulary"):
@@ -222,14 +225,14 @@ def test_bad_prompts_fail_alone(saved, expected):
         assert_clean(eng)
 
 
-def test_bad_engine_arguments(saved):
+def test_bad_engine_arguments(saved, device):
     _, path = saved["llama"]
     for kw, match in [({"preemption": "drop"}, "preemption"), ({"kernels": "cuda"}, "kernels"),
                       ({"block_size": 0}, "block_size"), ({"resident_fraction": 2.0}, "resident_fraction"),
                       ({"kv_cache_bytes": 100}, "holds no KV block"), ({"max_batch_size": 0}, "max_batch_size")]:
         with pytest.raises(ConfigError, match=match):
-            engine(path, **kw)
-    eng = engine(path)
+            engine(path, device, **kw)
+    eng = engine(path, device)
     eng.close()
     with pytest.raises(ConfigError, match="closed"):
         eng.generate(PROMPTS)
@@ -253,7 +256,7 @@ def _rewrite_header(file, edit):
     file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
-def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path):
+def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path, device):
     _, single = saved["llama"]
     _, sharded = saved["mistral"]
 
@@ -262,12 +265,12 @@ def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path):
     victim = sorted(set(index["weight_map"].values()))[1]
     (shards / victim).unlink()
     with pytest.raises(CheckpointError, match=f"{victim}: shard missing"):
-        engine(shards)
+        engine(shards, device)
 
     missing = _copy(single, tmp_path / "missing")
     _rewrite_header(missing / "model.safetensors", lambda h: h.pop("model.layers.3.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.3\.mlp\.up_proj\.weight not in"):
-        engine(missing)
+        engine(missing, device)
 
     shape = _copy(single, tmp_path / "shape")
 
@@ -277,13 +280,13 @@ def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path):
     _rewrite_header(shape / "model.safetensors", wrong_shape)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.2\.self_attn\.k_proj"
                                               r"\.weight has shape \(64, 32\), expected \(32, 64\)"):
-        engine(shape)
+        engine(shape, device)
 
     truncated = _copy(single, tmp_path / "truncated")
     f = truncated / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated: tensor"):
-        engine(truncated)
+        engine(truncated, device)
 
     corrupt = _copy(single, tmp_path / "corrupt")
     f = corrupt / "model.safetensors"
@@ -291,7 +294,7 @@ def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path):
     data[8:16] = b"\xff" * 8
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="model.safetensors: corrupted header"):
-        engine(corrupt)
+        engine(corrupt, device)
 
     for field, value, match in [("model_type", "gpt2", "model_type 'gpt2' unsupported"),
                                 ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "rope_type 'yarn'"),
@@ -302,4 +305,4 @@ def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path):
         cfg.pop("rope_parameters", None) if field == "rope_scaling" else None
         (bad / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=match):
-            engine(bad)
+            engine(bad, device)

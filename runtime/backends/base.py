@@ -36,6 +36,10 @@ class Transfer(Event):
     def interval(self) -> tuple[float, float] | None:
         """(start, end) in time.perf_counter() seconds when the backend can tell (the CPU backend), else None."""
 
+    @abc.abstractmethod
+    def elapsed_from(self, earlier: "Transfer") -> float:
+        """Seconds from `earlier`'s start to this transfer's end, on the copy queue's clock; waits for both."""
+
 
 class Stall(abc.ABC):
     """How long compute waited for a transfer. May need the device to finish before it can be read."""

@@ -53,6 +53,11 @@ class CpuTransfer(CpuEvent, Transfer):
         self.wait()
         return self.start, self.end
 
+    def elapsed_from(self, earlier: "CpuTransfer") -> float:
+        self.wait()
+        earlier.wait()
+        return self.end - earlier.start
+
 
 class CpuStall(Stall):
     __slots__ = ("_seconds",)

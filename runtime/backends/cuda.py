@@ -43,6 +43,10 @@ class CudaTransfer(CudaEvent, Transfer):
     def interval(self) -> None:
         return None
 
+    def elapsed_from(self, earlier: "CudaTransfer") -> float:
+        self.event.synchronize()
+        return earlier.start.elapsed_time(self.event) / 1e3
+
 
 class CudaStall(Stall):
     """Compute reached the wait at `need`; the transfer finished at `ready_at`. The stall is the gap, if any."""

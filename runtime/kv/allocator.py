@@ -151,6 +151,18 @@ class BlockAllocator:
         self._tokens[seq_id] = old + num_tokens
         return result
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Shrink a sequence to its first `num_tokens` tokens (>= 1), releasing the blocks past them: undoes
+        an `append` whose tokens were never written (a failed step)."""
+        table = self._table(seq_id)
+        _count("num_tokens", num_tokens, 1)
+        if num_tokens > self._tokens[seq_id]:
+            raise KVCacheError(f"truncate({seq_id!r}, {num_tokens}): the sequence holds {self._tokens[seq_id]}")
+        keep = self.blocks_for(num_tokens)
+        self._decref(table[keep:])
+        del table[keep:]
+        self._tokens[seq_id] = num_tokens
+
     def fork(self, parent, child) -> None:
         """`child` shares all of `parent`'s blocks (reference counts +1); whichever of them next writes into
         the shared partial last block copies it first (see `append`)."""

@@ -50,17 +50,46 @@ class PagedKVCache:
         self.device = self.backend.device
         self.device_pool = BlockAllocator(cfg.num_device_blocks, block_size, DEVICE)
         self.host_pool = BlockAllocator(cfg.num_host_blocks, block_size, HOST)
-        block = cfg.block_shape
-        n_dev = cfg.num_device_blocks * cfg.block_bytes
-        self.kv = self.backend.empty(n_dev).view(dtype).view(num_layers, 2, cfg.num_device_blocks, *block)
         self.arena = HostArena(self.backend, max(1, cfg.num_host_blocks * cfg.block_bytes))
         host = self.arena.alloc(cfg.num_host_blocks * cfg.block_bytes)
-        self.host_kv = host.view(dtype).view(cfg.num_host_blocks, num_layers, 2, *block)
+        self.host_kv = host.view(dtype).view(cfg.num_host_blocks, num_layers, 2, *cfg.block_shape)
+        self.kv = self.mover = None
+        self.restore_device()
+        self._inflight: dict = {}  # seq_id -> SwapHandle
+        self._handles: list[SwapHandle] = []
+
+    # -- the device pool's memory ----------------------------------------------------------------------------
+    @property
+    def device_bytes(self) -> int:
+        """Device memory the cache holds now: the pool and the swap staging buffer (0 once released)."""
+        if self.kv is None:
+            return 0
+        staging = getattr(self.mover, "staging", None)
+        return self.kv.numel() * self.kv.element_size() + (0 if staging is None else staging.numel() *
+                                                            staging.element_size())
+
+    def release_device(self) -> int:
+        """Free the device pool's memory (a preempted model's); every sequence must be off the device and no
+        swap in flight. Returns the bytes released. `restore_device` allocates it again."""
+        self.synchronize()
+        if self.device_pool.num_used:
+            raise KVCacheError(f"release_device: {self.device_pool.num_used} device blocks still in use "
+                               f"(sequences {self.device_pool.seq_ids()[:4]}...); swap them out or free them first")
+        released = self.device_bytes
+        self.kv = self.mover = None
+        return released
+
+    def restore_device(self) -> None:
+        """Allocate the device pool (and staging buffer) again after `release_device`; a no-op if held."""
+        if self.kv is not None:
+            return
+        cfg = self.config
+        n_dev = cfg.num_device_blocks * cfg.block_bytes
+        self.kv = self.backend.empty(n_dev).view(cfg.dtype).view(cfg.num_layers, 2, cfg.num_device_blocks,
+                                                                 *cfg.block_shape)
         staged = cfg.staged if cfg.staged is not None else self.device.type != "cpu"
         self.mover = (StagedMover(self.backend, self.kv, self.host_kv, cfg.staging_blocks) if staged
                       else DirectMover(self.backend, self.kv, self.host_kv))
-        self._inflight: dict = {}  # seq_id -> SwapHandle
-        self._handles: list[SwapHandle] = []
 
     # -- views for the kernels -------------------------------------------------------------------------------
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +141,7 @@ class PagedKVCache:
     def allocate(self, seq_id, num_tokens: int) -> list[int]:
         """Device blocks for a new sequence of `num_tokens` tokens; returns its block ids."""
         self.poll()
+        self._device_held("allocate")
         if seq_id in self.host_pool:
             raise KVCacheError(f"sequence {seq_id!r} already exists in the host pool")
         return self.device_pool.allocate(seq_id, num_tokens)
@@ -125,6 +155,12 @@ class PagedKVCache:
         if cow is not None:
             src, dst = cow
             self.kv[:, :, dst].copy_(self.kv[:, :, src])
+
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Shrink a resident sequence to its first `num_tokens` tokens (undoes an `append`)."""
+        self.poll()
+        self._resident(seq_id)
+        self.device_pool.truncate(seq_id, num_tokens)
 
     def fork(self, parent, child) -> None:
         """`child` shares `parent`'s blocks, in whichever pool `parent` is."""
@@ -152,6 +188,7 @@ class PagedKVCache:
     def swap_in(self, seq_ids) -> SwapHandle:
         """Move these host sequences to the device pool; returns at once. Compute reading them must first
         `wait_for(handle)`. OutOfBlocks if the device pool is short: nothing changes."""
+        self._device_held("swap_in")
         return self._swap("in", seq_ids, self.host_pool, self.device_pool)
 
     def wait_for(self, handle: SwapHandle) -> Stall:
@@ -233,6 +270,10 @@ class PagedKVCache:
         handle = self._inflight.get(seq_id)
         if handle is not None:
             raise KVCacheError(f"sequence {seq_id!r} has a swap in flight ({handle!r}); wait() it or poll()")
+
+    def _device_held(self, op: str) -> None:
+        if self.kv is None:
+            raise KVCacheError(f"{op}: the device pool is released (release_device); restore_device() first")
 
     def _resident(self, seq_id) -> None:
         if self._pool(seq_id) is not self.device_pool:

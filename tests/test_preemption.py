@@ -1,0 +1,213 @@
+"""Engine.preempt / Engine.resume: identical greedy tokens in every mode, exact byte counts, reports whose
+parts add up, and the fault cases (a failed copy or read leaves the model preempted and resumable)."""
+import math
+import shutil
+
+import pytest
+import torch
+
+import tidal
+from hf_models import greedy, make_model
+from tidal.errors import CheckpointError, ConfigError, StateError, TransferError
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 71, 2, 9], [11], [64, 2, 90, 33]]
+NEW = 10
+BLOCK = 4
+STEPS_BEFORE = 4  # steps run before preempting: prefill + 3 decodes
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    ref = make_model("qwen2", std=0.5)  # tied embeddings and q/k/v bias: every region kind
+    path = tmp_path_factory.mktemp("qwen2")
+    ref.save_pretrained(path)
+    want = [greedy(ref, torch.tensor([p]), NEW)[0, len(p):].tolist() for p in PROMPTS]
+    return ref, path, want
+
+
+def engine(path, device, **kw):
+    kw = {"block_size": BLOCK, "kv_cache_bytes": 1 << 20, "resident_fraction": 0.5, **kw}
+    return tidal.Engine.from_pretrained(path, device=device, **kw)
+
+
+def start(eng, steps=STEPS_BEFORE):
+    ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
+    out = {i: [] for i in ids}
+    for _ in range(steps):
+        collect(eng.step(), out)
+    return ids, out
+
+
+def collect(outputs, out):
+    for o in outputs:
+        out[o.request_id] += o.token_ids
+
+
+def finish(eng, ids, out):
+    while eng.has_unfinished():
+        collect(eng.step(), out)
+    return [out[i] for i in ids]
+
+
+def param_bytes(ref, resident):
+    """Bytes of the parameters that live on the device: embeddings, final norm, LM head (tied here) and the
+    resident layers, from the transformers model itself."""
+    n = sum(p.numel() * p.element_size() for p in ref.model.embed_tokens.parameters())
+    n += sum(p.numel() * p.element_size() for p in ref.model.norm.parameters())
+    for i in resident:
+        n += sum(p.numel() * p.element_size() for p in ref.model.layers[i].parameters())
+    return n
+
+
+def assert_adds_up(report):
+    """Parts (less overlap) add up to the total within 25% + 5 ms: host work between parts is all that
+    no part measures."""
+    assert report.parts_seconds > 0 and report.total_seconds > 0
+    assert abs(report.unaccounted_seconds) <= 0.25 * report.total_seconds + 5e-3, report
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("kv", ["swap", "drop"])
+@pytest.mark.parametrize("weights", ["host", "disk", "keep"])
+def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
+    ref, path, want = model
+    with engine(path, device) as eng:
+        ids, out = start(eng)
+        held = sum(math.ceil(eng.cache.num_tokens(i) / BLOCK) for i in ids)
+        before = eng.memory()
+        pre = eng.preempt(weights=weights, kv=kv)
+        assert eng.memory().device == (before.device - eng.cache.config.num_device_blocks *
+                                       eng.cache.config.block_bytes - (pre.weight_bytes + eng.weights.layer_bytes * 3
+                                                                       if weights != "keep" else 0))
+        with pytest.raises(StateError, match="preempted"):
+            eng.step()
+        res = eng.resume(pipelined=pipelined)
+        assert finish(eng, ids, out) == want
+        assert eng.memory() == before
+
+        # the exact bytes: KV blocks held x block bytes, and the parameters released from the device
+        block_bytes = 2 * 6 * BLOCK * 2 * 16 * 4  # K and V, 6 layers, 2 kv heads, head_dim 16, fp32
+        resident = eng.plan.resident_layers
+        if kv == "swap":
+            assert pre.kv_bytes == res.kv_bytes == held * block_bytes and pre.kv_swapped_requests == 3
+            assert res.recompute_tokens == 0
+        else:
+            assert pre.kv_bytes == res.kv_bytes == 0 and pre.kv_dropped_requests == 3
+            assert res.recompute_tokens == sum(len(p) + STEPS_BEFORE for p in PROMPTS)  # prompt + output so far
+            assert res.recompute_seconds > 0
+        expected_weights = param_bytes(ref, resident) if weights != "keep" else 0
+        assert pre.weight_bytes == res.weight_bytes == expected_weights
+        assert (pre.weight_seconds > 0) == (weights == "host")
+        assert res.disk_bytes == (param_bytes(ref, range(6)) if weights == "disk" else 0)
+        assert res.time_to_first_token is not None and res.time_to_first_token <= res.total_seconds
+        if weights != "keep":
+            assert 0 < res.time_to_first_layer <= res.time_to_first_token
+        assert_adds_up(pre)
+        if not pipelined:
+            assert res.overlap_seconds == 0.0
+            assert_adds_up(res)
+        d = res.to_dict()
+        assert d["weight_bytes"] == res.weight_bytes and "kv_gbps" in d and str(res).startswith("resume ")
+        eng.cache.check()
+        assert eng.cache.device_pool.num_free == eng.cache.config.num_device_blocks
+
+
+def test_preempt_an_idle_model_and_state_errors(model, device):
+    _, path, want = model
+    with engine(path, device, resident_fraction=1.0) as eng:
+        with pytest.raises(StateError, match="not preempted"):
+            eng.resume()
+        pre = eng.preempt()
+        assert pre.kv_bytes == 0 and pre.weight_bytes > 0
+        with pytest.raises(StateError, match="already preempted"):
+            eng.preempt()
+        with pytest.raises(StateError, match="preempted"):
+            eng.generate(PROMPTS)
+        with pytest.raises(ConfigError, match="weights="):
+            tidal.Engine.preempt(eng, weights="gpu")
+        res = eng.resume()
+        assert res.time_to_first_token is None
+        assert eng.generate(PROMPTS, max_new_tokens=NEW) == want
+
+
+def test_host_pool_too_small_drops_what_does_not_fit(model, device):
+    _, path, want = model
+    block_bytes = 2 * 6 * BLOCK * 2 * 16 * 4
+    with engine(path, device, host_kv_bytes=3 * block_bytes) as eng:  # request 0 alone holds 3 blocks
+        ids, out = start(eng)
+        pre = eng.preempt(weights="host", kv="swap")
+        assert pre.kv_swapped_requests == 1 and pre.kv_dropped_requests == 2
+        eng.resume()
+        assert finish(eng, ids, out) == want
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_copy_that_fails_during_resume_leaves_the_model_preempted(model, device, monkeypatch, pipelined):
+    """The third weight region's copy fails on the copy queue (asynchronously): the resume raises, the model
+    is preempted again with every block and byte accounted for, and a second resume completes the run."""
+    _, path, want = model
+    with engine(path, device) as eng:
+        ids, out = start(eng)
+        eng.preempt(weights="host", kv="swap")
+        real = eng.backend._copy_now
+        seen = []
+
+        def failing(dst, src):
+            seen.append(1)
+            if len(seen) == 4:  # the KV swap-in, then the embeddings, the first layer and this one
+                raise RuntimeError("injected copy failure")
+            return real(dst, src)
+        monkeypatch.setattr(eng.backend, "_copy_now", failing)
+        with pytest.raises(TransferError):
+            eng.resume(pipelined=pipelined)
+        assert len(seen) >= 4
+        monkeypatch.setattr(eng.backend, "_copy_now", real)
+        assert eng.preempted is not None and eng.memory().device == 0
+        eng.cache.check()
+        assert eng.cache.device_pool.num_used == 0
+        with pytest.raises(StateError):
+            eng.step()
+        eng.resume(pipelined=pipelined)
+        assert finish(eng, ids, out) == want
+
+
+def test_a_copy_that_cannot_be_enqueued_leaves_the_model_preempted(model, device, monkeypatch):
+    _, path, want = model
+    with engine(path, device) as eng:
+        ids, out = start(eng)
+        eng.preempt(weights="host", kv="drop")
+        real = eng.backend.copy
+        calls = []
+
+        def refuse(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise TransferError("injected: copy queue refused")
+            return real(*a, **k)
+        monkeypatch.setattr(eng.backend, "copy", refuse)
+        with pytest.raises(TransferError, match="injected"):
+            eng.resume()
+        monkeypatch.setattr(eng.backend, "copy", real)
+        assert eng.preempted is not None and eng.memory().device == 0
+        eng.resume()
+        assert finish(eng, ids, out) == want
+
+
+def test_a_truncated_checkpoint_at_resume_keeps_others_running(model, device, tmp_path):
+    _, path, want = model
+    copy = shutil.copytree(path, tmp_path / "ckpt")
+    other = engine(path, device)
+    with engine(copy, device) as eng:
+        ids, out = start(eng)
+        eng.preempt(weights="disk", kv="swap")
+        f = copy / "model.safetensors"
+        good = f.read_bytes()
+        f.write_bytes(good[:-4096])
+        with pytest.raises(CheckpointError, match="model.safetensors"):
+            eng.resume()
+        assert eng.preempted is not None and eng.memory().device == 0
+        assert other.generate(PROMPTS, max_new_tokens=NEW) == want  # the other model is unaffected
+        f.write_bytes(good)
+        eng.resume()
+        assert finish(eng, ids, out) == want
+    other.close()
