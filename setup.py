@@ -33,7 +33,8 @@ if include is not None:
     ext_modules.append(
         Extension(
             "tidal._C",
-            sources=["csrc/tidal_native.cpp"],
+            sources=["csrc/tidal_native.cpp", "csrc/loader.cpp", "csrc/bounce.cpp"],
+            depends=["csrc/loader.h", "csrc/bounce.h"],
             include_dirs=[include],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"],

@@ -8,7 +8,10 @@
 #include <cstring>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
 #include <vector>
+
+#include "loader.h"
 
 namespace py = pybind11;
 
@@ -56,11 +59,39 @@ size_t copy_spans(const std::vector<uintptr_t>& dst, const std::vector<uintptr_t
   return total;
 }
 
+// spans: (file index, file offset, destination address, bytes). Returns the loader's report as a dict.
+py::dict read_spans(const std::vector<std::string>& files,
+                    const std::vector<std::tuple<size_t, uint64_t, uintptr_t, uint64_t>>& spans, int threads,
+                    uint64_t chunk_bytes, bool direct) {
+  std::vector<tidal::ReadSpan> work;
+  work.reserve(spans.size());
+  for (const auto& [file, offset, dst, size] : spans) {
+    if (file >= files.size()) throw std::out_of_range("read_spans: span names file " + std::to_string(file));
+    work.push_back({file, offset, dst, size});
+  }
+  tidal::ReadReport r;
+  {
+    py::gil_scoped_release release;
+    r = tidal::read_spans(files, work, {threads, chunk_bytes, direct});
+  }
+  py::dict out;
+  out["bytes"] = r.bytes;
+  out["direct_bytes"] = r.direct_bytes;
+  out["bounce_bytes"] = r.bounce_bytes;
+  out["buffered_bytes"] = r.buffered_bytes;
+  out["threads"] = r.threads;
+  out["refused"] = r.refused;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tidal host-side native code";
   m.def("copy_spans", &copy_spans, py::arg("dst"), py::arg("src"), py::arg("sizes"), py::arg("max_threads"));
+  m.def("read_spans", &read_spans, py::arg("files"), py::arg("spans"), py::arg("threads"),
+        py::arg("chunk_bytes"), py::arg("direct"));
+  py::register_exception<tidal::ReadError>(m, "ReadError", PyExc_OSError);
   m.def("hardware_threads", []() { return std::thread::hardware_concurrency(); });
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;
 }

@@ -316,7 +316,8 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
         if engine.has_unfinished():
             before = (engine._prefill_seconds, engine._counts["prefill_tokens"])
             t = time.perf_counter()
-            engine._carry += engine.step()
+            carried, engine._carry = engine._carry, []  # outputs not yet returned go out first, once
+            engine._carry = carried + engine.step()
             first_step = time.perf_counter() - t
             ttft = time.perf_counter() - t0
             recompute_seconds = engine._prefill_seconds - before[0]

@@ -93,3 +93,42 @@ def test_unknown_tensor_and_wrong_shape(saved):
         ckpt.load(name, shape=(1, 2))
     with pytest.raises(CheckpointError, match="destination"):
         ckpt.read_into(name, torch.empty(3))
+
+
+@pytest.mark.parametrize("with_native", [True, False])
+def test_read_many_fills_every_tensor_in_one_call(saved, monkeypatch, with_native):
+    from tidal import native
+
+    if not with_native:
+        monkeypatch.setattr(native, "_C", None)
+    ckpt = Checkpoint(saved)
+    ref = _reference(saved)
+    names = sorted(ref)
+    arena = torch.zeros(sum(ckpt.info(n).nbytes + 67 for n in names), dtype=torch.uint8)
+    items, cursor = [], 0
+    for name in names:  # byte destinations at odd addresses, as arena regions can be
+        cursor += 67
+        items.append((name, arena[cursor:cursor + ckpt.info(name).nbytes]))
+        cursor += ckpt.info(name).nbytes
+    info = ckpt.read_many(items)
+    for name, out in items:
+        assert torch.equal(out, ref[name].reshape(-1).view(torch.uint8)), name
+    assert info.bytes == sum(out.numel() for _, out in items) and info.spans == len(names)
+    assert info.files == len({ckpt.info(n).file for n in names}) and info.gbps > 0
+    assert info.path.startswith("native (") if with_native and native.available() else \
+        info.path == "python (tidal._C absent)"
+
+
+def test_read_many_checks_each_destination(saved):
+    ckpt = Checkpoint(saved)
+    name = "model.norm.weight"
+    good = torch.empty(ckpt.info(name).shape, dtype=ckpt.info(name).dtype)
+    with pytest.raises(CheckpointError, match=f"{name} has .* bytes; destination is \\(3,\\)"):
+        ckpt.read_many([(name, good), (name, torch.empty(3))])
+    with pytest.raises(CheckpointError, match="destination is list"):
+        ckpt.read_many([(name, [1, 2])])
+    with pytest.raises(CheckpointError, match="no.such not in the checkpoint"):
+        ckpt.read_many([("no.such", good)])
+    with pytest.raises(CheckpointError, match="overlap"):
+        ckpt.read_many([(name, good), (name, good)])
+    assert ckpt.read_many([]).bytes == 0
