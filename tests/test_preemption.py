@@ -211,3 +211,16 @@ def test_a_truncated_checkpoint_at_resume_keeps_others_running(model, device, tm
         eng.resume()
         assert finish(eng, ids, out) == want
     other.close()
+
+
+def test_back_to_back_preemptions_return_each_token_once(model, device):
+    """Resume runs a first step whose outputs wait for the next step(); preempting and resuming again before
+    that step must neither lose nor repeat them, and each resume must still run its own step."""
+    _, path, want = model
+    with engine(path, device) as eng:
+        ids, out = start(eng)
+        for _ in range(3):
+            eng.preempt(weights="host", kv="swap")
+            report = eng.resume(pipelined=False)
+            assert report.first_step_seconds > 0
+        assert finish(eng, ids, out) == want
