@@ -1,42 +1,29 @@
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from gpu_check_util import ROOT, run_section
 
 
 def test_gpu_check_streaming_section_runs_on_the_cpu(tmp_path):
     """A smoke run of gpu_check's streaming section on the CPU backend (--quick), so the GPU script cannot rot
     unseen between GPU sessions."""
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path), "--device", "cpu",
-                           "--quick", "--sections", "streaming", "--budget-s", "120"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["streaming"]
-    assert "error" not in res, res.get("traceback")
+    res, stdout = run_section(tmp_path, "streaming")
     kinds = {(r["kind"], r["resident_fraction"]) for r in res["decode"]}
     assert ("tidal", 0.0) in kinds and ("accelerate", 0.0) in kinds
     zero = next(r for r in res["decode"] if r["kind"] == "tidal" and r["resident_fraction"] == 0.0)
     assert zero["mb_per_token"] > 0 and res["bandwidth"]["h2d_gbps"] > 0
-    assert "resident" in proc.stdout  # the table was printed
+    assert "resident" in stdout  # the table was printed
 
 
 def test_gpu_check_engine_section_runs_on_the_cpu(tmp_path):
     """A smoke run of gpu_check's engine section on the CPU (--quick: one tiny checkpoint written tensor by
     tensor, resident fractions 1.0 and 0, tidal's engine and accelerate)."""
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path), "--device", "cpu",
-                           "--quick", "--sections", "engine", "--budget-s", "120"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["engine"]
-    assert "error" not in res, res.get("traceback")
+    res, stdout = run_section(tmp_path, "engine")
     rows = {(r["kind"], r["resident_fraction"]): r for r in res["decode"]}
     assert set(rows) == {("tidal", 1.0), ("tidal", 0.0), ("accelerate", 1.0), ("accelerate", 0.0)}
     assert all(r["tok_s"] > 0 for r in rows.values()), rows
     assert rows[("tidal", 1.0)]["bytes_per_step"] == 0 and rows[("tidal", 0.0)]["bytes_per_step"] > 0
     assert rows[("tidal", 0.0)]["bound_ms"] >= rows[("tidal", 0.0)]["link_ms"] > 0
-    assert "of bound" in proc.stdout  # the table was printed
+    assert "of bound" in stdout  # the table was printed
 
 
 def test_shaped_checkpoint_loads_alike_in_transformers_and_tidal(tmp_path):
@@ -64,12 +51,7 @@ def test_shaped_checkpoint_loads_alike_in_transformers_and_tidal(tmp_path):
 def test_gpu_check_preemption_section_runs_on_the_cpu(tmp_path):
     """A smoke run of gpu_check's preemption section on the CPU (--quick: a tiny checkpoint, synthetic
     contexts of 64 and 256 tokens at batch 1 and 2, pipelined against full resume at resident 0 and 0.5)."""
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path), "--device", "cpu",
-                           "--quick", "--sections", "preemption", "--budget-s", "120"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["preemption"]
-    assert "error" not in res, res.get("traceback")
+    res, stdout = run_section(tmp_path, "preemption")
     cells = {(r["batch"], r["context"]): r for r in res["breakdown"]}
     assert set(cells) == {(1, 64), (2, 64), (1, 256), (2, 256)}
     assert all(r["weight_bytes"] > 0 and r["reload_gbps"] > 0 and r["kv_in_gbps"] > 0
@@ -78,4 +60,4 @@ def test_gpu_check_preemption_section_runs_on_the_cpu(tmp_path):
     ttft = {r["resident_fraction"]: r for r in res["ttft"]}
     assert set(ttft) == {0.0, 0.5} and all(r["ratio"] > 0 for r in ttft.values()), ttft
     assert set(res["targets"]["tiny"]) >= {"reload_target_met", "ttft_target_met"}
-    assert res["bandwidth"]["h2d_gbps"] > 0 and "reload of pinned" in proc.stdout  # the table was printed
+    assert res["bandwidth"]["h2d_gbps"] > 0 and "reload of pinned" in stdout  # the table was printed
