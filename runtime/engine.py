@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import native
+from .native import LoadInfo
 from .arena import align_up
 from .backends import make_backend, resolve_device
 from .checkpoint import Checkpoint
@@ -123,6 +124,7 @@ class _Request:
     output: list[int] = dataclasses.field(default_factory=list)
     state: str = "waiting"  # waiting | running | swapping_in | swapped | finished
     swap: object = None  # the SwapHandle of a swap-in in flight
+    swap_timed: bool = True  # its seconds go to EngineStats.swap_seconds (resume's batched swap-in is reported by resume)
     finish_reason: Optional[str] = None
     preemptions: int = 0
 
@@ -138,6 +140,7 @@ class EngineStats:
     backend: str
     kernel_path: str
     native_path: str
+    load: LoadInfo  # the checkpoint read at load: bytes, seconds, loader path (native O_DIRECT, buffered, python)
     plan: str
     resident_layers: tuple[int, ...]
     streamed_layers: tuple[int, ...]
@@ -159,7 +162,7 @@ class EngineStats:
     recomputes: int
     recompute_fallbacks: int  # swap preemptions that had to recompute: the host pool was full
     swap_bytes: int
-    swap_seconds: float
+    swap_seconds: float  # swap_outs and swap_ins above; preempt()/resume() report their own KV moves
     streaming: StepStats
 
     @property
@@ -460,7 +463,8 @@ class Engine:
             r.state = "swapped"
             bisect.insort(self.swapped, r, key=lambda q: q.id)
             raise
-        self._swap_seconds += handle.seconds()
+        if r.swap_timed:
+            self._swap_seconds += handle.seconds()
         r.state = "running"
         bisect.insort(self.running, r, key=lambda q: q.id)
 
@@ -474,7 +478,7 @@ class Engine:
                 break
             handle = self.cache.swap_in([r.id])
             self.swapped.pop(0)
-            r.state, r.swap = "swapping_in", handle
+            r.state, r.swap, r.swap_timed = "swapping_in", handle, True
             self.swapping_in.append(r)
             self._counts["swap_ins"] += 1
             self._counts["swap_bytes"] += handle.bytes
@@ -598,7 +602,7 @@ class Engine:
         """resume(): the parked requests `ids` come back with the one batched swap-in `handle`."""
         for rid in ids:
             r = self._parked.pop(rid)
-            r.state, r.swap = "swapping_in", handle
+            r.state, r.swap, r.swap_timed = "swapping_in", handle, False
             self.swapping_in.append(r)
 
     def memory(self) -> "Footprint":
@@ -619,7 +623,8 @@ class Engine:
         arena = self.weights.arena
         kv = self.cache.config
         return EngineStats(
-            backend=self.backend.name, kernel_path=self.model.ops.path, native_path=native.path(), plan=str(self.plan),
+            backend=self.backend.name, kernel_path=self.model.ops.path, native_path=native.path(),
+            load=self.weights.load_info, plan=str(self.plan),
             resident_layers=self.plan.resident_layers, streamed_layers=self.plan.streamed_layers,
             prefetch_depth=self.offload_config.prefetch_depth,
             host_weight_bytes=arena.nbytes if arena else 0,

@@ -19,6 +19,7 @@ from .arena import HostArena, TensorSlot, align_up, layout
 from .backends import Backend
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
+from .native import LoadInfo
 from .plan import ResidencyPlan
 from .streaming import StreamedLayer
 
@@ -140,6 +141,7 @@ class LoadedWeights:
     arena: HostArena | None
     parked: dict | None = None  # key -> host region
     parked_arena: HostArena | None = None
+    load_info: LoadInfo | None = None  # the reads of the last load from the checkpoint
 
     def region_bytes(self, key) -> int:
         return self.top_layout[key][2] if key in TOP_REGIONS else self.layer_bytes
@@ -188,27 +190,33 @@ class LoadedWeights:
 
 def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype: torch.dtype) -> LoadedWeights:
     """Read every weight of `ckpt` into its tier under `plan`, converted to `dtype`. On failure, nothing is
-    left allocated."""
+    left allocated. `w.load_info` says what the reads cost and which loader path served them."""
     check(ckpt, config)
     w = empty(config, plan, dtype)
     streamed = plan.streamed_layers
     w.arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
+    infos = []
     try:
-        for key in w.device_keys:
-            region = backend.empty(w.region_bytes(key))
-            host = region if backend.device.type == "cpu" else torch.empty(region.numel(), dtype=torch.uint8)
-            read_region(ckpt, w, key, host)
-            if host is not region:
+        regions = {key: backend.empty(w.region_bytes(key)) for key in w.device_keys}
+        if backend.device.type == "cpu":  # the device regions are host memory: read straight into them
+            infos.append(read_regions(ckpt, w, regions))
+        else:  # one region's worth of staging at a time, never a second copy of the model
+            for key, region in regions.items():
+                host = torch.empty(region.numel(), dtype=torch.uint8)
+                infos.append(read_regions(ckpt, w, {key: host}))
                 region.copy_(host)
+        for key, region in regions.items():
             w.bind(key, region)
-        for i in streamed:
-            region = w.arena.alloc(w.layer_bytes)
-            read_region(ckpt, w, i, region)
+        arena_regions = {i: w.arena.alloc(w.layer_bytes) for i in streamed}
+        if arena_regions:
+            infos.append(read_regions(ckpt, w, arena_regions))
+        for i, region in arena_regions.items():
             w.streamed[i] = StreamedLayer(i, region, w.layer_slots)
     except BaseException:
         w.unbind_device()
         w.release()
         raise
+    w.load_info = merge_load_infos(infos)
     return w
 
 
@@ -226,29 +234,44 @@ def empty(config, plan: ResidencyPlan, dtype: torch.dtype) -> LoadedWeights:
                          plan.resident_layers, {}, None, [None] * config.num_layers, {}, None)
 
 
-def read_region(ckpt: Checkpoint, w: LoadedWeights, key, region: torch.Tensor) -> None:
-    """Read region `key`'s tensors from the checkpoint into the host bytes `region`."""
+def read_regions(ckpt: Checkpoint, w: LoadedWeights, regions: dict) -> LoadInfo:
+    """Read the tensors of each region `key` into its host bytes `regions[key]`. Tensors already in `w.dtype`
+    go straight from the file into place, all of them in one batched read; a region with tensors to convert
+    is read on its own, through temporaries of that region alone, so conversion never holds a second copy
+    of the model."""
+    direct, infos = [], []
+    for key, region in regions.items():
+        items = [(name, out) for name, out in _region_tensors(ckpt, w, key, region)]
+        if all(ckpt.info(name).dtype == out.dtype for name, out in items):
+            direct += items
+            continue
+        temps = [(name, out, torch.empty(ckpt.info(name).shape, dtype=ckpt.info(name).dtype)) for name, out in items]
+        infos.append(ckpt.read_many([(name, tmp) for name, _, tmp in temps]))
+        for _, out, tmp in temps:
+            out.copy_(tmp.view(out.shape))
+    if direct:
+        infos.append(ckpt.read_many(direct))
+    return merge_load_infos(infos)
+
+
+def _region_tensors(ckpt: Checkpoint, w: LoadedWeights, key, region: torch.Tensor):
+    """(checkpoint name, destination view in `region`) of every tensor of region `key`."""
     if key in TOP_REGIONS:
         top = top_tensors(w.config)
         names, slots, _ = w.top_layout[key]
         for ours, slot in zip(names, slots):
-            _read(ckpt, top[ours][0], slot.view(region))
+            yield top[ours][0], slot.view(region)
         return
     for t, slot in zip(layer_layout(w.config), w.layer_slots):
-        _read_fused(ckpt, key, t, slot.view(region))
+        out = slot.view(region)
+        for p in t.parts:
+            yield f"model.layers.{key}.{p.source}", out[p.rows[0]:p.rows[1]]
 
 
-def _read_fused(ckpt: Checkpoint, layer: int, t: FusedTensor, out: torch.Tensor) -> torch.Tensor:
-    for p in t.parts:
-        _read(ckpt, f"model.layers.{layer}.{p.source}", out[p.rows[0]:p.rows[1]])
-    return out
-
-
-def _read(ckpt: Checkpoint, name: str, out: torch.Tensor) -> torch.Tensor:
-    """Tensor `name` into the contiguous host tensor `out`: straight from the file when the dtypes agree,
-    else through one temporary of this tensor alone."""
-    info = ckpt.info(name)
-    if info.dtype == out.dtype:
-        return ckpt.read_into(name, out)
-    out.copy_(ckpt.read_into(name, torch.empty(info.shape, dtype=info.dtype)).view(out.shape))
-    return out
+def merge_load_infos(infos: list[LoadInfo]) -> LoadInfo:
+    """One LoadInfo for several reads done one after another: bytes and seconds add up."""
+    paths = list(dict.fromkeys(i.path for i in infos))
+    return LoadInfo(sum(i.bytes for i in infos), sum(i.seconds for i in infos), "; ".join(paths) or "none",
+                    sum(i.files for i in infos), sum(i.spans for i in infos),
+                    sum(i.direct_bytes for i in infos), sum(i.bounce_bytes for i in infos),
+                    sum(i.buffered_bytes for i in infos))

@@ -205,3 +205,30 @@ def test_refused_o_direct_falls_back_and_says_so_and_io_errors_raise(blob, tmp_p
         assert direct_bytes == "0"  # nothing came through O_DIRECT, and the path says why
         assert name.startswith("native (buffered: O_DIRECT refused by the file system: "
                                f"{path}: {verb} failed: Invalid argument"), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_load_reads_every_tensor_in_batched_native_reads(tmp_path, monkeypatch, dtype):
+    """Same dtype: the whole checkpoint in one batched read (every tensor a span); a conversion: one read per
+    region, through that region's temporaries. Either way the bytes read are the file's tensor bytes and the
+    report names the loader path."""
+    from hf_models import make_model
+
+    import tidal
+
+    ref = make_model("llama", num_layers=3)
+    ref.save_pretrained(tmp_path)
+    ckpt_bytes = sum(p.numel() * p.element_size() for p in ref.state_dict().values())
+    calls = []
+    read_many = tidal.checkpoint.Checkpoint.read_many
+    monkeypatch.setattr(tidal.checkpoint.Checkpoint, "read_many",
+                        lambda self, items, **kw: calls.append(len(items)) or read_many(self, items, **kw))
+    with tidal.Engine.from_pretrained(tmp_path, dtype=dtype, resident_fraction=1 / 3) as eng:
+        load = eng.stats().load
+        regions = len(eng.weights.device_keys) + len(eng.plan.streamed_layers)
+    # one read for the device regions and one for the streamed layers' arena, or one per converted region
+    assert len(calls) == (2 if dtype == torch.float32 else regions)
+    tensors = len(ref.state_dict())
+    assert load.bytes == ckpt_bytes and load.spans == tensors and load.seconds > 0
+    assert load.path.startswith("native (" if native.available() else "python (")
+    assert load.direct_bytes + load.bounce_bytes + load.buffered_bytes == load.bytes

@@ -84,6 +84,8 @@ def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
         res = eng.resume(pipelined=pipelined)
         assert finish(eng, ids, out) == want
         assert eng.memory() == before
+        s = eng.stats()  # resume's swap-in is in its report, not in the engine's own swap counters
+        assert s.swap_outs == s.swap_ins == 0 and s.swap_seconds == 0.0
 
         # the exact bytes: KV blocks held x block bytes, and the parameters released from the device
         block_bytes = 2 * 6 * BLOCK * 2 * 16 * 4  # K and V, 6 layers, 2 kv heads, head_dim 16, fp32
@@ -99,6 +101,8 @@ def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
         assert pre.weight_bytes == res.weight_bytes == expected_weights
         assert (pre.weight_seconds > 0) == (weights == "host")
         assert res.disk_bytes == (param_bytes(ref, range(6)) if weights == "disk" else 0)
+        read_path = "native (" if tidal.native.available() else "python ("
+        assert res.loader.startswith(read_path) if weights == "disk" else res.loader == "none"
         assert res.time_to_first_token is not None and res.time_to_first_token <= res.total_seconds
         if weights != "keep":
             assert 0 < res.time_to_first_layer <= res.time_to_first_token
