@@ -18,6 +18,7 @@ from typing import Optional
 from .backends import resolve_device
 from .engine import Engine
 from .errors import ConfigError, OutOfDeviceMemory, StateError
+from .preemption import staging_bytes
 
 log = logging.getLogger("tidal")
 
@@ -97,7 +98,9 @@ class Runtime:
         _check_policy(evict)
         active_device, active_host = self._active_bytes[name]
         now = engine.memory()
-        reports = self._make_room(name, active_device - now.device, max(0, active_host - now.host), evict)
+        # a disk resume stages the device regions in host memory while it runs: that must fit too
+        host_peak = max(0, active_host - now.host) + staging_bytes(engine)
+        reports = self._make_room(name, active_device - now.device, host_peak, evict)
         report = engine.resume(pipelined=pipelined)
         self.models.move_to_end(name)
         return report, reports

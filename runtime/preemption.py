@@ -250,6 +250,15 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
         bookkeeping_seconds=book.seconds, total_seconds=time.perf_counter() - t0)
 
 
+def staging_bytes(engine) -> int:
+    """Host bytes a resume holds only while it runs: after weights="disk", the device regions are read from the
+    checkpoint into a staging arena first (so that a bad file changes nothing on the device)."""
+    state, w = engine.preempted, engine.weights
+    if state is None or state.weights != "disk":
+        return 0
+    return sum(align_up(w.region_bytes(k)) for k in w.device_keys)
+
+
 def resume(engine, pipelined: bool = True) -> ResumeReport:
     state = engine.preempted
     if state is None:
@@ -268,7 +277,7 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
             with book:
                 ckpt = Checkpoint(engine.path)
                 streamed = engine.plan.streamed_layers
-                staging = HostArena(backend, sum(align_up(w.region_bytes(k)) for k in keys))
+                staging = HostArena(backend, staging_bytes(engine))
                 host = {k: staging.alloc(w.region_bytes(k)) for k in keys}
                 streamed_arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
                 streamed_regions = {i: streamed_arena.alloc(w.layer_bytes) for i in streamed}

@@ -141,5 +141,23 @@ def test_host_budget_sends_evictions_to_disk(models, device):
         assert report.weights == "disk" and rt.status()["llama"].disk_bytes > 0
         check_invariants(rt, models, device)
         rt.preempt("qwen2", weights="disk")
+        rt.host_budget += tidal.preemption.staging_bytes(rt.models["llama"])  # room for the disk resume's staging
+        rt.resume("llama")
+        assert rt.generate("llama", PROMPTS, max_new_tokens=NEW) == models["llama"][1]
+
+
+def test_a_disk_resume_must_fit_its_staging_in_the_host_budget(models, device):
+    """Resuming from disk reads the device regions into host staging first; a host budget without room for
+    that refuses the resume, and the model stays preempted and resumable."""
+    size, _ = footprints(models, "llama", device)
+    with tidal.Runtime(device=device, host_budget_bytes=size.host + 4096) as rt:
+        rt.load("llama", models["llama"][0], **kwargs("llama"))
+        rt.preempt("llama", weights="disk")
+        staging = tidal.preemption.staging_bytes(rt.models["llama"])
+        assert staging >= sum(rt.models["llama"].weights.region_bytes(k) for k in rt.models["llama"].weights.device_keys)
+        with pytest.raises(OutOfDeviceMemory, match=f"{staging} host bytes"):
+            rt.resume("llama")
+        assert "weights=disk" in rt.status()["llama"].state
+        rt.host_budget = size.host + staging
         rt.resume("llama")
         assert rt.generate("llama", PROMPTS, max_new_tokens=NEW) == models["llama"][1]
