@@ -58,6 +58,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     preemption: str = "swap"
     kernels: str = "auto"
+    keep_host_copy: bool = False
 
     def __post_init__(self):
         for name in ("block_size", "max_prefill_tokens"):
@@ -69,6 +70,8 @@ class EngineConfig:
             raise ConfigError(f"preemption={self.preemption!r} must be one of {PREEMPTION_MODES}")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels={self.kernels!r} must be one of {KERNEL_CHOICES}")
+        if not isinstance(self.keep_host_copy, bool):
+            raise ConfigError(f"keep_host_copy={self.keep_host_copy!r} must be a bool")
 
 
 def _check_int(name, value, minimum):
@@ -204,7 +207,8 @@ class Engine:
                         resident_layers=None, prefetch_depth: int = 2, block_size: int = 16,
                         kv_cache_bytes: int | None = None, max_batch_size: int | None = None, *,
                         host_kv_bytes: int | None = None, preemption: str = "swap", kernels: str = "auto",
-                        max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None) -> "Engine":
+                        max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None,
+                        keep_host_copy: bool = False) -> "Engine":
         """Load a Hugging Face checkpoint directory (Llama, Qwen2, Mistral; `model.safetensors` or shards).
 
         Placement as in `tidal.offload`: `resident_fraction`, `resident_layers` or `device_budget_bytes` say
@@ -213,8 +217,11 @@ class Engine:
         `kv_cache_bytes` (default: most of the free device memory on CUDA, 512 MiB on the CPU), in blocks of
         `block_size` tokens; preempted requests swap to a host pool of `host_kv_bytes` (default: as large, at
         most 8 GiB). `kernels`: "auto" (Triton on CUDA, torch references on the CPU), "triton" or
-        "reference". Raises CheckpointError naming the file and tensor for a missing or damaged checkpoint,
-        ConfigError for a bad argument, before anything is allocated.
+        "reference". `keep_host_copy`: hold a pinned host copy of the device-resident weights for the engine's
+        lifetime (read once at load, then copied to the device), so that `preempt(weights="host")` copies
+        nothing and only releases device memory; it costs that many host bytes while active. Raises
+        CheckpointError naming the file and tensor for a missing or damaged checkpoint, ConfigError for a bad
+        argument, before anything is allocated.
         """
         from . import weights as W
 
@@ -222,12 +229,12 @@ class Engine:
                           resident_layers=resident_layers, prefetch_depth=prefetch_depth, block_size=block_size,
                           kv_cache_bytes=kv_cache_bytes, max_batch_size=max_batch_size, host_kv_bytes=host_kv_bytes,
                           preemption=preemption, kernels=kernels, max_prefill_tokens=max_prefill_tokens,
-                          device_budget_bytes=device_budget_bytes)
+                          device_budget_bytes=device_budget_bytes, keep_host_copy=keep_host_copy)
         cfg, plan, kv = p.engine, p.plan, p.kv
         backend = make_backend(p.device)
         weights = streamer = cache = None
         try:
-            weights = W.load(p.checkpoint, p.model, plan, backend, p.dtype)
+            weights = W.load(p.checkpoint, p.model, plan, backend, p.dtype, keep_host_copy=cfg.keep_host_copy)
             if weights.streamed:
                 streamer = LayerStreamer(backend, plan, weights.streamed, prefetch_depth)
             model = DecoderModel(p.model, weights, cfg.kernels, streamer, backend)
@@ -255,7 +262,8 @@ class Engine:
                   resident_layers=None, prefetch_depth: int = 2, block_size: int = 16,
                   kv_cache_bytes: int | None = None, max_batch_size: int | None = None, *,
                   host_kv_bytes: int | None = None, preemption: str = "swap", kernels: str = "auto",
-                  max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None) -> "Placement":
+                  max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None,
+                  keep_host_copy: bool = False) -> "Placement":
         """What `from_pretrained` with these arguments would place where, and the bytes it would hold on each
         tier, from the checkpoint's headers alone (nothing is allocated). Validates every argument."""
         from . import weights as W
@@ -263,7 +271,7 @@ class Engine:
 
         cfg = EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, host_kv_bytes=host_kv_bytes,
                            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                           preemption=preemption, kernels=kernels)
+                           preemption=preemption, kernels=kernels, keep_host_copy=keep_host_copy)
         offload = OffloadConfig(resident_fraction=resident_fraction, resident_layers=resident_layers,
                                 prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -289,7 +297,8 @@ class Engine:
         footprint = Footprint(
             device=weight_device + ring + kv.num_device_blocks * kv.block_bytes + staging,
             host=(align_up(streamed * align_up(layout.layer_bytes)) if streamed else 0) +
-            align_up(max(1, kv.num_host_blocks * kv.block_bytes)),
+            align_up(max(1, kv.num_host_blocks * kv.block_bytes)) +
+            (W.host_copy_bytes(layout) if cfg.keep_host_copy else 0),
             disk=0)
         return Placement(cfg, offload, target, ckpt, config, dtype, plan, kv, footprint)
 

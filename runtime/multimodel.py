@@ -18,7 +18,7 @@ from typing import Optional
 from .backends import resolve_device
 from .engine import Engine
 from .errors import ConfigError, OutOfDeviceMemory, StateError
-from .preemption import staging_bytes
+from .preemption import host_copy_growth, staging_bytes
 
 log = logging.getLogger("tidal")
 
@@ -84,7 +84,7 @@ class Runtime:
         if engine.preempted is not None:
             raise StateError(f"model {name!r} is preempted already")
         if weights == "host" and self.host_budget is not None:
-            grow = engine.memory().device  # at most: every device byte gets a host copy
+            grow = host_copy_growth(engine)
             if self._host_used() + grow > self.host_budget:
                 raise OutOfDeviceMemory(f"preempting {name!r} to the host needs up to {grow} host bytes; "
                                         f"{self._host_used()} of {self.host_budget} are in use (use weights='disk')")
@@ -152,7 +152,7 @@ class Runtime:
             victim = victims[0]
             engine = self.models[victim]
             to_host = self.host_budget is None or \
-                self._host_used() + engine.memory().device + host <= self.host_budget
+                self._host_used() + host_copy_growth(engine) + host <= self.host_budget
             weights = "host" if to_host else "disk"
             log.warning("tidal: evicting %r (weights to %s) to make room for %r", victim, weights, name)
             reports.append(engine.preempt(weights=weights, kv="swap"))

@@ -31,7 +31,7 @@ from .arena import HostArena, align_up
 from .checkpoint import Checkpoint
 from .errors import ConfigError, KVCacheError, OutOfBlocks, StateError, TransferError
 from .streaming import LayerStreamer, StreamedLayer
-from .weights import read_regions
+from .weights import host_copy_bytes, read_regions
 
 log = logging.getLogger("tidal")
 
@@ -70,7 +70,8 @@ class _Report:
 class PreemptionReport(_Report):
     """What `Engine.preempt` moved and what each part cost. `weight_bytes`: the weight bytes released from
     the device (every mode but "keep"); `weight_seconds`: the copy of them to the host (weights="host"; 0
-    for "disk", which copies nothing). `kv_*`: the batched swap of running requests' blocks. Requests the
+    for "disk", which copies nothing, and when `host_copy_reused`: an engine built with keep_host_copy holds
+    that copy already). `kv_*`: the batched swap of running requests' blocks. Requests the
     host pool could not take are dropped (`kv_dropped_requests`) and recomputed after resume."""
 
     model: str
@@ -84,18 +85,21 @@ class PreemptionReport(_Report):
     kv_dropped_requests: int
     kv_dropped_tokens: int
     device_bytes_released: int  # weights + streaming ring + KV pool
-    host_bytes_released: int  # weights="disk": the streamed layers' host arena
+    host_bytes_released: int  # weights="disk": the streamed layers' host arena (and a kept host copy)
     bookkeeping_seconds: float
     total_seconds: float
     overlap_seconds: float = 0.0
+    host_copy_reused: bool = False
 
     @property
     def parts_seconds(self) -> float:
         return self.bookkeeping_seconds + self.weight_seconds + self.kv_seconds
 
     def __str__(self) -> str:
-        weights = (self._line("weights", self.weight_bytes, self.weight_seconds) if self.weights == "host" else
-                   f"weights {self.weight_bytes / 1e6:.1f} MB released, not copied")
+        weights = (self._line("weights", self.weight_bytes, self.weight_seconds)
+                   if self.weights == "host" and not self.host_copy_reused else
+                   f"weights {self.weight_bytes / 1e6:.1f} MB released, not copied"
+                   + (" (host copy kept)" if self.host_copy_reused else ""))
         return (f"preempt {self.model} (weights={self.weights}, kv={self.kv}) in {self.total_seconds * 1e3:.2f} ms: "
                 f"{weights}; "
                 f"{self._line('KV', self.kv_bytes, self.kv_seconds)} ({self.kv_swapped_requests} requests swapped, "
@@ -214,11 +218,12 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
         engine._park(to_swap, dropped)
         device_released = cache.release_device()
     weight_bytes, weight_seconds, host_released = 0, 0.0, 0
+    host_copy_reused = weights == "host" and w.parked is not None  # keep_host_copy: the copy is there already
     if weights != "keep":
-        if weights == "host":
+        if weights == "host" and not host_copy_reused:
             with book:
                 keys = w.device_keys
-                arena = HostArena(backend, sum(align_up(w.region_bytes(k)) for k in keys))
+                arena = HostArena(backend, host_copy_bytes(w))
                 parked = {k: arena.alloc(w.region_bytes(k)) for k in keys}
                 transfer = backend.copy([parked[k] for k in keys], [w.device[k] for k in keys],
                                         after=[backend.record()])
@@ -235,28 +240,38 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
                 device_released += engine.streamer.slot_bytes
                 engine.streamer.close()
                 engine.streamer = engine.model.streamer = None
-            if weights == "disk" and w.arena is not None:
-                host_released = w.arena.nbytes
-                w.arena.release()
-                w.arena = None
+            if weights == "disk":
+                for name in ("arena", "parked_arena"):
+                    arena = getattr(w, name)
+                    if arena is not None:
+                        host_released += arena.nbytes
+                        arena.release()
+                        setattr(w, name, None)
                 w.streamed.clear()
+                w.parked = None
             device_released += weight_bytes
     engine.preempted = Preempted(weights, kv, [r.id for r in to_swap])
     return PreemptionReport(
         model=engine.name, weights=weights, kv=kv, weight_bytes=weight_bytes, weight_seconds=weight_seconds,
         kv_bytes=kv_bytes, kv_seconds=kv_seconds,
+        host_copy_reused=host_copy_reused,
         kv_swapped_requests=len(to_swap), kv_dropped_requests=len(dropped), kv_dropped_tokens=dropped_tokens,
         device_bytes_released=device_released, host_bytes_released=host_released,
         bookkeeping_seconds=book.seconds, total_seconds=time.perf_counter() - t0)
 
 
+def host_copy_growth(engine) -> int:
+    """Host bytes `preempt(weights="host")` would add now: a copy of the device regions, unless the engine
+    keeps one already (keep_host_copy)."""
+    w = engine.weights
+    return 0 if w.parked is not None else host_copy_bytes(w)
+
+
 def staging_bytes(engine) -> int:
     """Host bytes a resume holds only while it runs: after weights="disk", the device regions are read from the
     checkpoint into a staging arena first (so that a bad file changes nothing on the device)."""
-    state, w = engine.preempted, engine.weights
-    if state is None or state.weights != "disk":
-        return 0
-    return sum(align_up(w.region_bytes(k)) for k in w.device_keys)
+    state = engine.preempted
+    return host_copy_bytes(engine.weights) if state is not None and state.weights == "disk" else 0
 
 
 def resume(engine, pipelined: bool = True) -> ResumeReport:
@@ -339,10 +354,14 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
         first_layer = next((k for k in keys if isinstance(k, int)), keys[-1])
         ttfl = (anchor_at - t0) + transfers[first_layer].elapsed_from(anchor)
     with book:
-        for arena in (staging, w.parked_arena):
-            if arena is not None:
-                arena.release()
-        w.parked, w.parked_arena = None, None
+        if engine.config.keep_host_copy:  # the copy stays for the next preemption (read from disk: it is new)
+            if staging is not None:
+                w.parked, w.parked_arena = host, staging
+        else:
+            for arena in (staging, w.parked_arena):
+                if arena is not None:
+                    arena.release()
+            w.parked, w.parked_arena = None, None
     total = time.perf_counter() - t0
     weight_seconds = sum(t.seconds() for t in transfers.values())
     kv_seconds = kv_handle.seconds() if kv_handle is not None else 0.0

@@ -188,9 +188,12 @@ class LoadedWeights:
         self.parked = None
 
 
-def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype: torch.dtype) -> LoadedWeights:
-    """Read every weight of `ckpt` into its tier under `plan`, converted to `dtype`. On failure, nothing is
-    left allocated. `w.load_info` says what the reads cost and which loader path served them."""
+def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype: torch.dtype,
+         keep_host_copy: bool = False) -> LoadedWeights:
+    """Read every weight of `ckpt` into its tier under `plan`, converted to `dtype`. With `keep_host_copy`,
+    the device regions are read into a pinned host arena that stays (`parked`), and copied from there. On
+    failure, nothing is left allocated. `w.load_info` says what the reads cost and which loader path served
+    them."""
     check(ckpt, config)
     w = empty(config, plan, dtype)
     streamed = plan.streamed_layers
@@ -198,7 +201,12 @@ def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype:
     infos = []
     try:
         regions = {key: backend.empty(w.region_bytes(key)) for key in w.device_keys}
-        if backend.device.type == "cpu":  # the device regions are host memory: read straight into them
+        if keep_host_copy:
+            w.parked_arena = HostArena(backend, host_copy_bytes(w))
+            w.parked = {key: w.parked_arena.alloc(w.region_bytes(key)) for key in regions}
+            infos.append(read_regions(ckpt, w, w.parked))
+            backend.copy([regions[k] for k in regions], [w.parked[k] for k in regions]).wait()
+        elif backend.device.type == "cpu":  # the device regions are host memory: read straight into them
             infos.append(read_regions(ckpt, w, regions))
         else:  # one region's worth of staging at a time, never a second copy of the model
             for key, region in regions.items():
@@ -218,6 +226,11 @@ def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype:
         raise
     w.load_info = merge_load_infos(infos)
     return w
+
+
+def host_copy_bytes(w: LoadedWeights) -> int:
+    """Bytes of one host arena holding a copy of every device region (a preemption to the host)."""
+    return sum(align_up(w.region_bytes(k)) for k in w.device_keys)
 
 
 def empty(config, plan: ResidencyPlan, dtype: torch.dtype) -> LoadedWeights:

@@ -228,3 +228,46 @@ def test_back_to_back_preemptions_return_each_token_once(model, device):
             report = eng.resume(pipelined=False)
             assert report.first_step_seconds > 0
         assert finish(eng, ids, out) == want
+
+
+def test_keep_host_copy_makes_host_preemption_copy_nothing(model, device):
+    """keep_host_copy: the pinned host copy is made at load and kept, so preempt(weights="host") only releases
+    device memory, every time; weights="disk" drops the copy and the resume from disk makes it again. Tokens
+    stay identical and the host bytes are what the placement said."""
+    ref, path, want = model
+    resident = None
+    with engine(path, device, keep_host_copy=True) as eng:
+        placement = tidal.Engine.placement(path, device=device, block_size=BLOCK, kv_cache_bytes=1 << 20,
+                                           resident_fraction=0.5, keep_host_copy=True)
+        active = eng.memory()
+        assert active.host == placement.footprint.host
+        copy_bytes = tidal.weights.host_copy_bytes(eng.weights)
+        plain = tidal.Engine.placement(path, device=device, block_size=BLOCK, kv_cache_bytes=1 << 20,
+                                       resident_fraction=0.5)
+        assert active.host == plain.footprint.host + copy_bytes
+        resident = eng.plan.resident_layers
+        ids, out = start(eng)
+        for weights in ("host", "host", "disk", "host"):
+            pre = eng.preempt(weights=weights, kv="swap")
+            assert pre.weight_bytes == param_bytes(ref, resident)
+            if weights == "host":
+                assert pre.host_copy_reused and pre.weight_seconds == 0.0 and "host copy kept" in str(pre)
+                assert eng.memory().host == active.host  # nothing new on the host but the KV
+            else:
+                assert not pre.host_copy_reused and pre.host_bytes_released >= copy_bytes
+            res = eng.resume(pipelined=True)
+            assert res.weight_bytes == param_bytes(ref, resident)
+            assert eng.memory() == active  # the copy is back after a resume from disk too
+            collect(eng.step(), out)
+        assert finish(eng, ids, out) == want
+
+
+def test_keep_host_copy_in_the_runtime_needs_no_host_growth(model, device):
+    _, path, want = model
+    kw = dict(block_size=BLOCK, kv_cache_bytes=1 << 20, host_kv_bytes=1 << 20, keep_host_copy=True)
+    footprint = tidal.Engine.placement(path, device=device, **kw).footprint
+    with tidal.Runtime(device=device, host_budget_bytes=footprint.host) as rt:
+        rt.load("m", path, **kw)
+        rt.preempt("m", weights="host")  # no room for a second copy; none is needed
+        rt.resume("m")
+        assert rt.generate("m", PROMPTS, max_new_tokens=NEW) == want
