@@ -4,7 +4,7 @@
     .venv/bin/python -m pytest bench/bench_engine.py --benchmark-only
 
 Each benchmark times generating NEW_TOKENS tokens for a batch of same-length prompts; its extra_info holds
-decode tokens/s (prefill removed: engine_runs.py) from its median and the median of 1-token runs. One torch
+decode tokens/s (prefill removed: tidal.study.runs) from its median and the median of 1-token runs. One torch
 thread for both, as in engine_summary.py. The two implementations of one batch size share a group, so
 pytest-benchmark prints them side by side. A small model keeps `make bench` quick; `bench/engine_summary.py`
 measures a larger one in alternating rounds and prints the ratios against the targets.
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from engine_runs import hf_generator, same_length_prompts, tidal_generator
+from tidal.study.runs import hf_generator, same_length_prompts, tidal_generator
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import tidal
-from preemption_runs import drain, kv_pool_bytes, write_shaped
+from preemption_runs import kv_pool_bytes, write_shaped
+from tidal.study.runs import drain
 from shaped_checkpoint import TINY
 
 

@@ -5,7 +5,7 @@
 The model is a random-weight Llama checkpoint (built once by `tidal.checkpoints.random_checkpoint`, cached),
 TinyLlama-shaped but smaller so that a CPU decodes it in tens of milliseconds a token. Both sides load the
 same checkpoint in the same dtype, run on the same threads, generate from the same same-length prompts (no
-padding) the same number of tokens greedily, and are timed in alternating order (engine_runs.decode_rounds).
+padding) the same number of tokens greedily, and are timed in alternating order (tidal.study.runs.decode_rounds).
 Targets: tidal / transformers >= 1.0x at batch 1 and >= 2x at batch 8. In fp32 both sides must produce the
 same greedy tokens; the script says so loudly when they do not.
 
@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from engine_runs import (decode_rounds, hf_generator, round_ratios, same_length_prompts, tidal_generator,
-                         token_agreement)
+from tidal.study.runs import (decode_rounds, hf_generator, round_ratios, same_length_prompts, tidal_generator,
+                              token_agreement)
 
 # TinyLlama (hidden 2048, 22 layers, 32/4 heads, intermediate 5632, vocab 32000), scaled down. The
 # vocabulary is TinyLlama's: on a CPU its untied LM head is a real share of each step, as in a real small

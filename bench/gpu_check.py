@@ -22,7 +22,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ["tests", "streaming", "kernels", "kv", "engine", "preemption"]  # later issues append theirs
+SECTIONS = ["tests", "streaming", "kernels", "kv", "engine", "preemption", "study"]  # later issues append theirs
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ Llama-3.2-1B-, Qwen2.5-0.5B- and Llama-3-8B-shaped checkpoints (random weights, 
 by shaped_checkpoint.py into a temporary directory, deleted afterwards). For each resident fraction 1.0, 0.75,
 0.5, 0.25 and 0: tidal's engine (`Engine.from_pretrained(..., resident_fraction=f)`), and transformers'
 `generate` on the same checkpoint with accelerate offloading the same decoder layers (tidal.baselines; at 1.0
-that is plain transformers on the device). Decode tokens/s as in engine_runs.py, at batch 1 and 8.
+that is plain transformers on the device). Decode tokens/s as in tidal.study.runs, at batch 1 and 8.
 
 The bound on a step, in theory: max(the all-resident step, bytes streamed per step / the pinned copy
 bandwidth measured in this run). tidal's bytes per step are measured (engine stats: bytes streamed over
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from engine_runs import decode_rounds, hf_generator, same_length_prompts, tidal_generator
+from tidal.study.runs import decode_rounds, hf_generator, same_length_prompts, tidal_generator
 from shaped_checkpoint import LLAMA_3_2_1B, LLAMA_3_8B, QWEN2_5_0_5B, TINY, write_checkpoint
 
 # (name, shape, share of the time left when the model starts)

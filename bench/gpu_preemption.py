@@ -29,9 +29,9 @@ import time
 import torch
 
 from preemption_runs import (BREAKDOWN_HEADERS, TTFT_HEADERS, breakdown, breakdown_table_rows, free_memory,
-                             kv_pool_bytes, shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows, warm_up,
-                             write_shaped)
+                             kv_pool_bytes, shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows, write_shaped)
 from shaped_checkpoint import LLAMA_3_2_1B, LLAMA_3_8B, TINY
+from tidal.study.runs import warm_up
 
 RELOAD_TARGET = 0.9  # weight reload GB/s over pinned H2D GB/s
 TTFT_TARGET = 0.5  # pipelined over full time to first token, at resident fraction 0

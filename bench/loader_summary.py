@@ -3,7 +3,7 @@
     .venv/bin/python bench/loader_summary.py [--reps 3] [--layers 13] [--threads N] [--json out.json]
 
 The checkpoint (Llama-3.2-1B shapes, bf16 random bytes, 13 decoder layers by default: 2.11 GB in 119
-tensors, one `model.safetensors`) is written once under tidal's cache dir ($TIDAL_CACHE, else ~/.cache/tidal). Each round
+tensors, one `model.safetensors`) is written once under tidal's cache dir ($TIDAL_CACHE_DIR, else ~/.cache/tidal). Each round
 runs every variant once, in a rotated order, each after `posix_fadvise(POSIX_FADV_DONTNEED)` on the file (so
 the file's pages are out of this machine's page cache; the rest of the cache is left alone). Medians over
 rounds. Every variant ends with every tensor in one host arena (pinned on CUDA, plain memory on the CPU
@@ -38,6 +38,7 @@ from tidal.arena import layout
 from tidal.backends import make_backend
 from tidal.checkpoint import Checkpoint
 from tidal.checkpoints import cache_dir
+from tidal.study.runs import drop_from_cache
 
 HIDDEN, INTER, KV, VOCAB = 2048, 8192, 512, 128256  # Llama-3.2-1B
 
@@ -74,14 +75,6 @@ def bench_checkpoint(layers: int) -> Path:
     os.close(fd)
     tmp.rename(path)
     return path
-
-
-def drop_from_cache(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def direct_read(file: Path, threads: int, chunk: int, into: torch.Tensor) -> int:

@@ -11,11 +11,11 @@ Two measurements on `tidal.Engine`:
   requests with a short real prompt, the two modes interleaved (alternating which goes first).
 
 Long contexts are synthetic (`add_synthetic_context`): prefilling 16k tokens x 8 sequences is far too slow on
-a CPU, and what preemption moves does not depend on what the KV blocks hold, only on how many there are.
+a CPU, and what preemption moves does not depend on what the KV blocks hold, only on how many there are. The
+synthetic context and the round trips are `tidal.study.runs`'s (`tidal profile` uses them too).
 """
 from __future__ import annotations
 
-import bisect
 import gc
 import hashlib
 import json
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from shaped_checkpoint import LLAMA_3_2_1B, LLAMA_3_8B, TINY, config_json, write_checkpoint
+from tidal.study.runs import clear, drain, round_trips
 
 # SmolLM2-135M's shape (a small Llama: 30 layers, 9/3 heads of 64, tied embeddings). Its KV is large for its
 # weights (22.5 KiB per token in bf16 against 269 MB of weights): its KV overtakes the weights early.
@@ -92,88 +93,13 @@ def kv_pool_bytes(shape: dict, tokens_by_seq: list[int], dtype: torch.dtype = to
     return per_block * sum(-(-n // BLOCK) + SLACK_BLOCKS for n in tokens_by_seq)
 
 
-# -- synthetic context ---------------------------------------------------------------------------------------
-def add_synthetic_context(engine, batch: int, context: int, token: int = 1) -> list[int]:
-    """SYNTHETIC CONTEXT, for benchmarks only: put `batch` running requests of `context` tokens each into the
-    engine without computing them. This does what the engine's `_admit` and `_prefill` do for a prompt, minus
-    the forward pass: a `_Request` whose prompt is `context` copies of `token`, its KV blocks allocated in the
-    device pool (`cache.allocate`), one output token (so the running-request invariant holds: the cache holds
-    every token but the last output, which the next decode feeds), inserted in `engine.running` by id.
-
-    The blocks are then written with a constant, so their pages are real memory (on the CPU backend an
-    untouched page reads as the shared zero page, which would make the swap-out look faster than it is). The
-    values are meaningless; preemption moves the blocks, whatever they hold. Returns the request ids."""
-    from tidal.engine import _Request
-    from tidal.sampling import SamplingParams
-
-    params = SamplingParams(max_new_tokens=MAX_POSITIONS)
-    ids, blocks = [], []
-    for _ in range(batch):
-        r = _Request(engine._next_id, [token] * context, params, params.generator())
-        engine._next_id += 1
-        engine._requests[r.id] = r
-        blocks += engine.cache.allocate(r.id, context)
-        r.output = [token]
-        r.state = "running"
-        bisect.insort(engine.running, r, key=lambda q: q.id)
-        ids.append(r.id)
-    kv = engine.cache.kv
-    kv.index_fill_(2, torch.tensor(blocks, device=kv.device), 0.01)
-    return ids
-
-
-def drain(engine) -> None:
-    """Collect the outputs of the step that resume() ran (the next step() returns them without computing).
-    Needed between round trips: resume() runs its first step through step(), which, while such outputs are
-    pending, returns them instead of computing (so a second resume would time no step at all)."""
-    if engine._carry:
-        engine.step()
-
-
-def clear(engine, ids) -> None:
-    drain(engine)
-    for rid in ids:
-        engine.abort(rid)
-
-
-def warm_up(engine) -> None:
-    """One unrecorded round trip with a short synthetic context (on CUDA this compiles the kernels). On the
-    CPU backend the host KV pool is written once first, so that the first recorded swap-out is not charged for
-    the first touch of its pages (a serving engine's pool is warm; on CUDA pinning has touched it already)."""
-    if engine.backend.device.type == "cpu":
-        engine.cache.host_kv.zero_()
-    ids = add_synthetic_context(engine, 1, 64)
-    try:
-        round_trip(engine)
-    finally:
-        clear(engine, ids)
-
-
 # -- the breakdown -------------------------------------------------------------------------------------------
-def round_trip(engine, pipelined: bool = False):
-    pre = engine.preempt(weights="host", kv="swap")
-    res = engine.resume(pipelined=pipelined)
-    drain(engine)
-    return pre, res
-
-
 def breakdown(engine, model: str, batch: int, context: int, reps: int, warmup: int = 1) -> dict:
     """Medians over `reps` round trips (after `warmup` unrecorded ones) of the weight and KV parts of a
     preemption and of the resume after it, with `batch` synthetic sequences of `context` tokens. Each round
     trip gets a context of its own (the first step after resume adds a token, which may start a new block)."""
-    pres, ress = [], []
-    for i in range(warmup + reps):
-        ids = add_synthetic_context(engine, batch, context)
-        try:
-            pre, res = round_trip(engine)
-        finally:
-            clear(engine, ids)
-        if pre.kv_swapped_requests != batch or pre.kv_dropped_requests:
-            raise RuntimeError(f"{model} batch {batch} x {context}: {pre.kv_dropped_requests} requests "
-                               f"dropped instead of swapped; the host KV pool is too small")
-        if i >= warmup:
-            pres.append(pre)
-            ress.append(res)
+    got = round_trips(engine, batch, context, reps, warmup, label=model)
+    pres, ress = [p for p, _ in got], [r for _, r in got]
     med = lambda xs, f: statistics.median(getattr(x, f) for x in xs)  # noqa: E731
     row = dict(model=model, batch=batch, context=context, reps=reps, synthetic=True,
                weight_bytes=ress[0].weight_bytes, kv_bytes=ress[0].kv_bytes,

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from preemption_runs import (BREAKDOWN_HEADERS, MODELS, TTFT_HEADERS, breakdown,  # noqa: E402
                              breakdown_table_rows, cached_shaped, describe, free_memory, kv_pool_bytes,
-                             shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows, warm_up)
+                             shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows)
+from tidal.study.runs import warm_up  # noqa: E402
 
 GIB = 1 << 30
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger("tidal")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TIDAL_CACHE", Path.home() / ".cache" / "tidal"))
+    """tidal's cache of built checkpoints: $TIDAL_CACHE_DIR, else ~/.cache/tidal (shared with tidal.presets)."""
+    from .presets import cache_root
+
+    return cache_root()
 
 
 def random_checkpoint(arch: str, config: dict, seed: int = 0, dtype: str = "float32") -> Path:

@@ -1,119 +1,85 @@
-"""The `tidal` command line. `tidal demo` serves a small local Llama checkpoint with tidal's engine at several
-resident fractions, then once with a KV cache too small for the batch, so that requests are preempted."""
+"""The `tidal` command line. Each subcommand's parser lives with its code: `add_parser(subparsers)` adds it
+and sets `func`, which runs it and returns the exit status.
+
+`tidal profile` (tidal.study.profile) measures this machine for a model and writes profile.json; `tidal
+compare` (tidal.study.compare) measures a baseline beside it; `tidal study` (tidal.study.report) does both for
+several models and writes a report. `tidal demo` is `tidal profile tiny --quick` and a short compare."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import time
+from pathlib import Path
 
 from .errors import TidalError
 
-DEMO_MODEL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=False)
+DEMO_MODEL = "tiny"
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
-    prefetch_depth: int = 2
-    prompt_tokens: int = 16
-    new_tokens: int = 32
-    batch: int = 4
-    device: str | None = None
-
-    def __post_init__(self):
-        from .config import OffloadConfig
-
-        for f in self.fractions:
-            OffloadConfig(resident_fraction=f, prefetch_depth=self.prefetch_depth)  # validates both
-        if self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch < 1:
-            raise TidalError("--new-tokens must be >= 2, --prompt-tokens and --batch >= 1")
+def add_demo_parser(subparsers) -> None:
+    d = subparsers.add_parser("demo", help=f"`tidal profile {DEMO_MODEL} --quick` and a short compare with "
+                              "accelerate (a few minutes at most on a CPU)")
+    d.add_argument("--device", default=None, help="cpu or cuda[:n] (default: cuda when available)")
+    d.add_argument("--out", metavar="DIR", default="out/demo", help="where the documents and figures go "
+                   "(default: out/demo)")
+    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady numbers on a "
+                   "shared machine)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=demo_command)
 
 
-def _serve(engine, prompts, new_tokens) -> tuple[list[list[int]], float]:
-    """Generate through the step API; returns the outputs and the decode seconds (every step after the first,
-    which prefills)."""
-    ids = [engine.add_request(p, max_new_tokens=new_tokens) for p in prompts]
-    out = {i: [] for i in ids}
-    decode_from = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id] += o.token_ids
-        decode_from = decode_from or time.perf_counter()
-    return [out[i] for i in ids], time.perf_counter() - decode_from
-
-
-def demo(cfg: DemoConfig) -> int:
+def demo_command(args) -> int:
     import torch
 
-    from . import Engine, native
-    from .backends import resolve_device
-    from .checkpoints import random_checkpoint
-    from .report import format_table
+    from .study import compare, profile
 
-    device = resolve_device(cfg.device)
-    path = random_checkpoint("llama", DEMO_MODEL)
-    print(f"checkpoint: {path}\ndevice: {device}; tidal._C: {native.describe()}")
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1, DEMO_MODEL["vocab_size"], (cfg.batch, cfg.prompt_tokens), generator=gen).tolist()
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    rows, reference = [], None
-    for fraction in cfg.fractions:
-        with Engine.from_pretrained(path, device=device, dtype=dtype, resident_fraction=fraction,
-                                    prefetch_depth=cfg.prefetch_depth) as engine:
-            _serve(engine, prompts[:1], 2)  # warm-up
-            before = engine.stats()
-            out, decode_s = _serve(engine, prompts, cfg.new_tokens)
-            s = engine.stats()
-        steps = s.decode_steps - before.decode_steps
-        per = lambda x: x / steps  # noqa: E731
-        reference = out if reference is None else reference
-        rows.append([f"{fraction:.2f}", f"{len(s.resident_layers)}/{DEMO_MODEL['num_hidden_layers']}",
-                     (s.decode_tokens - before.decode_tokens) / decode_s,
-                     per(s.streaming.bytes_streamed - before.streaming.bytes_streamed) / 1e6,
-                     per(s.streaming.stall_seconds - before.streaming.stall_seconds) * 1e3,
-                     "yes" if out == reference else "NO"])
-    print(f"engine: batch {cfg.batch}, {cfg.prompt_tokens} prompt + {cfg.new_tokens} new tokens each, kernels "
-          f"{s.kernel_path}, {dtype}")
-    print(format_table(["resident", "layers", "decode tok/s", "MB streamed/step", "stall ms/step", "same tokens"],
-                       rows))
+    if args.threads < 1:
+        raise TidalError(f"--threads={args.threads}: need at least 1")
+    torch.set_num_threads(args.threads)
+    out, progress = Path(args.out), not args.no_progress
+    quick = profile.ProfileSettings.quick()
+    print(f"== tidal profile {DEMO_MODEL} --quick ==", flush=True)
+    doc = profile.run_profile(DEMO_MODEL, quick, out / "profile", device=args.device, progress=progress)
+    print(profile.summary(doc))
+    print(f"profile: {out / 'profile' / profile.PROFILE_FILE}\nfigure: {out / 'profile' / profile.FIGURE_FILE}")
+    if not doc["complete"]:
+        return 130
+    short = quick.replace(fractions=(1.0, 0.0), batches=(quick.batches[0],), contexts=quick.contexts[:1])
+    print(f"\n== tidal compare {DEMO_MODEL} --baseline accelerate (fractions 1 and 0, batch {short.batches[0]}) ==",
+          flush=True)
+    doc = compare.run_compare(DEMO_MODEL, short, "accelerate", out / "compare", device=args.device,
+                              progress=progress)
+    print(compare.side_by_side(doc))
+    print("notes:\n" + "\n".join(f"- {n}" for n in compare.notes("accelerate", doc["machine"]["device"])))
+    print(f"figure: {out / 'compare' / compare.FIGURE_FILE}")
+    return 0 if doc["complete"] else 130
 
-    # A KV cache of too few blocks for the whole batch: the newest requests are swapped out and back.
-    block_size = 16
-    need = cfg.batch * -(-(cfg.prompt_tokens + cfg.new_tokens) // block_size)
-    blocks = max(need // 2, -(-(cfg.prompt_tokens + cfg.new_tokens) // block_size) + 1)
-    c = DEMO_MODEL
-    block_bytes = 2 * c["num_hidden_layers"] * block_size * c["num_key_value_heads"] * \
-        (c["hidden_size"] // c["num_attention_heads"]) * dtype.itemsize
-    with Engine.from_pretrained(path, device=device, dtype=dtype, block_size=block_size,
-                                kv_cache_bytes=blocks * block_bytes) as engine:
-        out, _ = _serve(engine, prompts, cfg.new_tokens)
-        s = engine.stats()
-    same = out == reference
-    print(f"preemption: {blocks} KV blocks for a batch needing {need}: {s.swap_outs} swap-outs, {s.swap_ins} "
-          f"swap-ins, {s.swap_bytes / 1e6:.1f} MB moved in {s.swap_seconds * 1e3:.1f} ms, {s.recomputes} "
-          f"recomputes; same tokens: {'yes' if same else 'NO'}")
-    return 0 if same and all(r[-1] == "yes" for r in rows) else 1
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"tidal: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tidal", description="tidal: offload and preemption runtime for LLM inference")
+    from .study import compare, profile, report
+
+    parser = _Parser(prog="tidal", description="tidal: offload and preemption runtime for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="serve a small local Llama checkpoint at several resident fractions")
-    d.add_argument("--fractions", default="1,0.75,0.5,0.25,0", help="comma list of resident fractions")
-    d.add_argument("--prefetch-depth", type=int, default=2)
-    d.add_argument("--new-tokens", type=int, default=32)
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--device", default=None, help="cpu or cuda[:n] (default: cuda when available)")
+    add_demo_parser(sub)
+    profile.add_parser(sub)
+    compare.add_parser(sub)
+    report.add_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["tidal"] + argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        fractions = tuple(float(x) for x in args.fractions.split(",") if x)
-        cfg = DemoConfig(fractions=fractions, prefetch_depth=args.prefetch_depth, new_tokens=args.new_tokens,
-                         batch=args.batch, device=args.device)
-        return demo(cfg)
+        return args.func(args)
     except (TidalError, ValueError) as exc:
         print(f"tidal: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a profile's sweep, which stops cleanly on its own
+        print("tidal: interrupted", file=sys.stderr)
+        return 130

@@ -1,7 +1,8 @@
-"""A Llama-family decoder (Llama, Qwen2, Mistral) on tidal's paged KV cache and kernels. Plain PyTorch in the
-style of gpt-fast: prefill a few sequences in one pass (causal attention over each prompt), decode a batch of
-sequences one token each with `paged_decode_attention`. Layers the residency plan streams are acquired from a
-`LayerStreamer` for the duration of their compute; the rest of the code does not know the difference.
+"""A Llama-family decoder (Llama, Qwen2, Qwen3, Mistral) on tidal's paged KV cache and kernels. Plain PyTorch
+in the style of gpt-fast: prefill a few sequences in one pass (causal attention over each prompt), decode a
+batch of sequences one token each with `paged_decode_attention`. Layers the residency plan streams are
+acquired from a `LayerStreamer` for the duration of their compute; the rest of the code does not know the
+difference.
 
 Weights come from `weights.py` (fused q/k/v and gate/up); the engine (engine.py) drives the two phases."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ConfigError, TidalError
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
@@ -37,6 +38,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights of head_dim) before RoPE
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -55,12 +57,15 @@ class ModelConfig:
                 model_type=model_type, vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
                 intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+                # transformers defaults a missing Qwen3 head_dim to 128, not hidden / heads: required there
+                head_dim=int(cfg["head_dim"] if model_type == "qwen3" else
+                             cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope.get("rope_theta", 10000.0)),
                 rope_scaling=rope if rope_type == "llama3" else None,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")))
+                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                qk_norm=model_type == "qwen3")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: missing or malformed field ({exc!r})") from None
         if config.num_heads % config.num_kv_heads:
@@ -86,6 +91,9 @@ def rope_cache(config: ModelConfig, max_positions: int, device=None) -> torch.Te
     return torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
 
 
+CPU_LINEAR_ROWS = 1024  # output features per slice of a CPU linear (Ops.linear)
+
+
 class Ops:
     """The kernels the decoder calls, all on one path: "triton" (CUDA, or the interpreter on CPU tensors) or
     "reference" (the torch references). `kernels="auto"` takes Triton on CUDA and the references on the CPU:
@@ -102,6 +110,19 @@ class Ops:
         # decoder builds its own, so on the CPU they would only add per-op overhead to every step.
         self._K = K.reference if wanted == "reference" else K
         self._p = {} if wanted == "reference" else {"path": wanted}
+        self._slice_rows = device.type == "cpu"
+
+    def linear(self, x, w, bias=None):
+        """x @ w.T (+ bias). On the CPU, with more than one row, in slices of at most CPU_LINEAR_ROWS output
+        features: torch's CPU GEMM takes a far slower kernel for a few rows against a tall weight (measured
+        here: an [8, 1024] x [32000, 1024]^T LM head in 34 ms whole, 21 ms in 1024-row slices; one row is
+        a GEMV, 3% slower sliced; bench/bench_engine.py times it)."""
+        rows = x.numel() // x.shape[-1]
+        if self._slice_rows and rows > 1 and w.shape[0] > 2 * CPU_LINEAR_ROWS:
+            parts = [F.linear(x, w[i:i + CPU_LINEAR_ROWS], None if bias is None else bias[i:i + CPU_LINEAR_ROWS])
+                     for i in range(0, w.shape[0], CPU_LINEAR_ROWS)]
+            return torch.cat(parts, dim=-1)
+        return F.linear(x, w, bias)
 
     def rms_norm(self, x, w, eps, residual=None):
         return self._K.rms_norm(x, w, eps, residual, **self._p)
@@ -207,17 +228,20 @@ class DecoderModel:
                 residual, x = h, ops.rms_norm(h, w["input_layernorm"], c.rms_norm_eps)
             else:
                 x, residual = ops.rms_norm(h, w["input_layernorm"], c.rms_norm_eps, residual)
-            qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+            qkv = ops.linear(x, w["qkv"], w.get("qkv_bias"))
             q = qkv[:, :qd].view(-1, c.num_heads, c.head_dim)
             k = qkv[:, qd:qd + kvd].view(-1, c.num_kv_heads, c.head_dim)
             v = qkv[:, qd + kvd:].view(-1, c.num_kv_heads, c.head_dim)
+            if c.qk_norm:  # new tensors: the in-place RoPE below then leaves qkv as it was
+                q = ops.rms_norm(q, w["q_norm"], c.rms_norm_eps)
+                k = ops.rms_norm(k, w["k_norm"], c.rms_norm_eps)
             ops.rotary(positions, q, k, self.rope)
             k_cache, v_cache = cache.layer(i)
             ops.write_kv(k, v, k_cache, v_cache, slots)
             attn = attend(q, k, v, i).reshape(-1, qd)
-            h = F.linear(attn, w["o_proj"])
+            h = ops.linear(attn, w["o_proj"])
             x, residual = ops.rms_norm(h, w["post_attention_layernorm"], c.rms_norm_eps, residual)
-            h = F.linear(ops.silu_and_mul(F.linear(x, w["gate_up"])), w["down"])
+            h = ops.linear(ops.silu_and_mul(ops.linear(x, w["gate_up"])), w["down"])
             if i in self.streamed:
                 streamer.release(i)
         if streamer is not None:
@@ -240,4 +264,4 @@ class DecoderModel:
         return out.transpose(0, 1)
 
     def _logits(self, h):
-        return F.linear(h, self.weights.top["lm_head"]).float()
+        return self.ops.linear(h, self.weights.top["lm_head"]).float()

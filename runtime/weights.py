@@ -1,7 +1,7 @@
 """Loading a checkpoint's weights straight into their tier: the device for resident layers and the rest of
 the model, the host arena for streamed layers (read from the file into the arena region, no copy between).
 
-A decoder layer is stored as seven tensors (eight with Qwen2's bias). q/k/v and gate/up are fused at load
+A decoder layer is stored as seven tensors, plus Qwen2's q/k/v biases or Qwen3's q/k norms. q/k/v and gate/up are fused at load
 time: each source tensor is read into its row range of the fused tensor, which is contiguous, so fusing costs
 nothing and every step runs two fewer matmuls per block. A streamed layer's tensors sit back to back in one
 arena region (`arena.layout`), so one copy brings the whole layer in (streaming.py).
@@ -28,6 +28,8 @@ FUSED = {
     "input_layernorm": ("input_layernorm.weight",),
     "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "q_norm": ("self_attn.q_norm.weight",),  # Qwen3: RMSNorm of each head of q and of k, before RoPE
+    "k_norm": ("self_attn.k_norm.weight",),
     "o_proj": ("self_attn.o_proj.weight",),
     "post_attention_layernorm": ("post_attention_layernorm.weight",),
     "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -61,10 +63,14 @@ def layer_layout(config) -> list[FusedTensor]:
         "self_attn.q_proj.bias": (qd,), "self_attn.k_proj.bias": (kvd,), "self_attn.v_proj.bias": (kvd,),
         "self_attn.o_proj.weight": (h, qd), "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
         "mlp.down_proj.weight": (h, inter),
+        "self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,),
     }
+    absent = set() if c.attention_bias else {"qkv_bias"}
+    if not c.qk_norm:
+        absent |= {"q_norm", "k_norm"}
     out = []
     for name, sources in FUSED.items():
-        if name == "qkv_bias" and not c.attention_bias:
+        if name in absent:
             continue
         parts, row = [], 0
         for s in sources:

@@ -1,22 +1,26 @@
 """Small random-weight transformers models of the architectures tidal supports, built locally (no hub)."""
 import torch
 
-ARCHS = ("llama", "qwen2", "mistral")
+ARCHS = ("llama", "qwen2", "mistral")  # every engine test runs each; qwen3 has tests of its own (test_qwen3.py)
 
 
 def make_config(arch: str, num_layers: int = 6, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                vocab: int = 128, intermediate: int = 128):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+                vocab: int = 128, intermediate: int = 128, head_dim: int | None = None):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                   max_position_embeddings=256, eos_token_id=None, bos_token_id=0, pad_token_id=0)
+    if head_dim is not None or arch == "qwen3":  # Qwen3Config's own default is 128, not hidden / heads
+        common["head_dim"] = head_dim or hidden // heads
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":  # attention bias on q/k/v, tied embeddings
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if arch == "qwen3":  # q/k RMSNorm per head, no attention bias
+        return Qwen3Config(**common)
     raise ValueError(arch)
 
 

@@ -34,7 +34,7 @@ def test_shaped_checkpoint_loads_alike_in_transformers_and_tidal(tmp_path):
 
     import tidal
     sys.path.insert(0, str(ROOT / "bench"))
-    from engine_runs import hf_generator, same_length_prompts
+    from tidal.study.runs import hf_generator, same_length_prompts
     from shaped_checkpoint import TINY, write_checkpoint
 
     qwen = dict(TINY, model_type="qwen2", tie_word_embeddings=True, hidden_size=192, num_attention_heads=6)
@@ -61,3 +61,15 @@ def test_gpu_check_preemption_section_runs_on_the_cpu(tmp_path):
     assert set(ttft) == {0.0, 0.5} and all(r["ratio"] > 0 for r in ttft.values()), ttft
     assert set(res["targets"]["tiny"]) >= {"reload_target_met", "ttft_target_met"}
     assert res["bandwidth"]["h2d_gbps"] > 0 and "reload of pinned" in stdout  # the table was printed
+
+
+def test_gpu_check_study_section_runs_on_the_cpu(tmp_path):
+    """A smoke run of gpu_check's study section on the CPU (--quick: `tidal study tiny` on a two-fraction,
+    one-batch grid): a complete report with the three findings, and the compare document it was made from."""
+    res, stdout = run_section(tmp_path, "study")
+    assert res["complete"] and res["models"] == ["tiny"], res
+    report = (tmp_path / "study" / "REPORT.md").read_text()
+    for heading in ("## 1. Offloading", "## 2. Preemption", "## 3. Context length"):
+        assert heading in report and heading in stdout
+    assert (tmp_path / "study" / "tiny" / "compare.json").is_file()
+    assert (tmp_path / "study" / "degradation.png").stat().st_size > 0

@@ -1,0 +1,146 @@
+"""`tidal study`: the report restates the three findings from compare documents. The numbers in it are checked
+against hand-computed values from synthetic documents; the CLI is checked end to end with `run_compare`
+replaced by those documents (the real sweep runs in test_compare.py and in gpu_check's study smoke test)."""
+import copy
+
+import pytest
+
+from tidal import costmodel
+from tidal.cli import main
+from tidal.errors import ConfigError
+from tidal.study import compare, profile, report, schema
+
+LAYERS, LAYER_BYTES, TOP_BYTES = 8, 1_000_000, 200_000
+
+
+def _decode(system, fraction, tps, batch=1, n=16):
+    return dict(system=system, resident_fraction=fraction, resident_layers=round(fraction * LAYERS), batch=batch,
+                prompt_tokens=8, output_tokens=n, decode_seconds=batch * (n - 1) / tps, tokens_per_second=tps,
+                step_seconds=batch / tps, mean_context=8 + n / 2, bytes_streamed_per_step=None,
+                stall_seconds_per_step=None)
+
+
+def _preemption(system, weights, pipelined, context, weight_s, kv_s, total, first_token, note=None):
+    row = dict(system=system, weights=weights, kv="swap", pipelined=pipelined, resident_fraction=1.0, batch=2,
+               context=context, synthetic_context=system == "tidal", weight_bytes=LAYERS * LAYER_BYTES,
+               weight_out_seconds=weight_s / 2, weight_in_seconds=weight_s / 2, disk_bytes=0, disk_seconds=0.0,
+               kv_bytes=context * 1000, kv_out_seconds=kv_s / 2, kv_in_seconds=kv_s / 2, recompute_tokens=0,
+               recompute_seconds=0.0, preempt_seconds=total / 2, resume_seconds=total / 2,
+               first_token_seconds=first_token, total_seconds=total, weight_seconds=weight_s, kv_seconds=kv_s,
+               repeats=2)
+    if note:
+        row["note"] = note
+    return row
+
+
+def document(spec="m1", half=0.5, step=0.01):
+    """A compare document: tidal at 1.0 / 0.5 / 0 resident, accelerate slower, four preemption rows, and a
+    cost model whose all-resident step is `step` seconds (a0 only)."""
+    machine = dict(device="cpu", device_name="a CPU", cpu_count=2, torch_version="2", torch_threads=1,
+                   native="native")
+    model = dict(spec=spec, path="/x", model_type="llama", num_layers=LAYERS, layer_bytes=LAYER_BYTES,
+                 top_bytes=TOP_BYTES, dtype="float32", kv_bytes_per_token=1000, max_positions=2048)
+    doc = profile.new_document(profile.ProfileSettings.quick(), machine, model)
+    doc["decode"] = [_decode("tidal", 1.0, 100.0), _decode("tidal", 0.5, 100.0 * half),
+                     _decode("tidal", 0.0, 20.0), _decode("accelerate", 1.0, 100.0),
+                     _decode("accelerate", 0.5, 25.0), _decode("accelerate", 0.0, 10.0)]
+    doc["preemption"] = [
+        _preemption("tidal", "host", False, 128, weight_s=0.9, kv_s=0.05, total=1.0, first_token=0.6),
+        _preemption("tidal", "host", True, 128, weight_s=0.9, kv_s=0.05, total=0.8, first_token=0.3),
+        _preemption("transformers", "host", False, 128, weight_s=1.8, kv_s=0.2, total=2.5, first_token=2.0,
+                    note="moves emulated by copies"),
+    ]
+    fitted = costmodel.CostModel(costmodel.StepFit(LAYERS, LAYER_BYTES, step, None, None, 1e9, 0.0, 3), (), None)
+    doc["costmodel"] = {"fitted": fitted.to_dict(), "holdout": {"n": 4, "median_relative_error": 0.1,
+                                                                "max_relative_error": 0.3, "fraction": 0.25,
+                                                                "seed": 0}, "reason": None}
+    doc["links"] = dict(h2d_gbps=5.0, d2h_gbps=4.0, copy_bytes=1, copy_method="m", disk_read_gbps=1.0,
+                        disk_bytes=1, disk_path="native (O_DIRECT, 2 threads)", disk_method="m")
+    doc["complete"] = True
+    schema.validate(doc)
+    return doc
+
+
+def test_report_numbers_are_the_documents():
+    text = report.render([document("m1", half=0.5), document("m2", half=0.8)], {"fig": "fig.png"},
+                         "tidal study m1 m2", "accelerate")
+    # finding 1: normalised to tidal's all-resident run; accelerate at 25 tok/s is 0.25; sensitivity ordering
+    assert "| 1 | 16 | 1.00 | 0.50 | 0.20 |" in text and "| 1 | 16 | 1.00 | 0.25 | 0.10 |" in text
+    assert "keeps 0.50 of its resident speed (m1), the least 0.80 (m2)" in text
+    assert "resident 0.5: 2.00x" in text  # 50 against 25 tok/s
+    # finding 2: shares of the round trip, and the uninterrupted run: 128 tokens x 0.01 s = 1.28 s
+    assert "| m1 | tidal | weights=host, kv=swap | 2 | 128 | 1.00 s | 90.0% | 5.0% | 78.1% |" in text
+    assert "| m1 | transformers | weights=host, kv=swap | 2 | 128 | 2.50 s | 72.0% | 8.0% | - |" in text
+    assert "300.0 ms pipelined against 600.0 ms reload-then-decode (0.50x)" in text
+    assert "round trip 1.00 s against 2.50 s (2.50x faster)" in text
+    assert "How the protocol was measured: moves emulated by copies." in text
+    # finding 3 and the cost model
+    assert "| m1 | 2 | 128 | 0.1 | 8.0 | 50.0 ms | 5.3% |" in text
+    assert "PCIe Gen4 x16 (spec) | 31.5 | 0.3 ms |" in text  # 8.2 MB of weights at 31.5 GB/s
+    assert "held-out error median 10.0%, max 30.0% over 4 samples" in text
+    assert "Incomplete" not in text and "`tidal study m1 m2`" in text
+
+
+def test_report_marks_incomplete_runs_and_refuses_nothing():
+    doc = document()
+    doc["complete"], doc["interrupted_at"] = False, "decode: resident 0.5"
+    assert "**Incomplete runs:** m1 (stopped at decode: resident 0.5)" in report.render([doc], {}, "c", None)
+    with pytest.raises(ConfigError, match="nothing to report"):
+        report.render([], {}, "c", None)
+
+
+def test_a_slower_tidal_is_called_slower():
+    doc = document()
+    doc["preemption"][0]["total_seconds"] = 5.0
+    assert "(0.50x, slower)" in report.render([doc], {}, "c", None)
+
+
+def _fake_compare(monkeypatch, interrupt_on=None):
+    calls = []
+
+    def fake(spec, settings, baseline, out_dir, device=None, dtype=None, progress=True):
+        calls.append((spec, baseline))
+        doc = document(spec)
+        if spec == interrupt_on:
+            doc = copy.deepcopy(doc)
+            doc["complete"], doc["interrupted_at"], doc["preemption"] = False, "preemption: host", []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        schema.save(doc, out_dir / compare.COMPARE_FILE)
+        return doc
+
+    monkeypatch.setattr(compare, "run_compare", fake)
+    return calls
+
+
+def test_study_cli_writes_the_report(tmp_path, monkeypatch, capsys):
+    calls = _fake_compare(monkeypatch)
+    assert main(["study", "m1", "m2", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    assert calls == [("m1", "accelerate"), ("m2", "accelerate")]
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    assert "`tidal study m1 m2 --out" in text and "![m1: tidal and accelerate](m1/compare.png)" in text
+    assert (tmp_path / report.DEGRADATION_FIGURE).stat().st_size > 0
+    assert f"report: {tmp_path / report.REPORT_FILE}" in capsys.readouterr().out
+
+
+def test_an_interrupted_study_reports_what_it_measured(tmp_path, monkeypatch):
+    calls = _fake_compare(monkeypatch, interrupt_on="m2")
+    assert main(["study", "m1", "m2", "m3", "--out", str(tmp_path), "--no-progress"]) == 130
+    assert [c[0] for c in calls] == ["m1", "m2"]  # m3 is not started
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    assert "**Incomplete runs:** m2 (stopped at preemption: host)" in text and text.startswith("# tidal study: m1, m2\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study"], "the following arguments are required: MODEL"),
+    (["study", "m1", "--baseline", "vllm"], "invalid choice: 'vllm'"),
+    (["study", "m1", "m1"], "models named twice"),
+    (["study", "m1", "--threads", "0"], "--threads=0"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    _fake_compare(monkeypatch)
+    try:
+        rc = main(argv + ["--out", str(tmp_path)])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
