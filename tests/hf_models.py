@@ -48,3 +48,18 @@ def greedy(model, ids, n: int):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)
+
+
+def assert_first_step_logits(eng, model, prompts, tol: float = 1e-4) -> None:
+    """The engine's prefill logits of each prompt's last token are within `tol` of transformers' `model`."""
+    ids = list(range(len(prompts)))
+    for i, p in zip(ids, prompts):
+        eng.cache.allocate(i, len(p))
+    with torch.inference_mode():
+        logits = eng.model.prefill(eng.cache, ids, prompts)
+    for p, got in zip(prompts, logits.cpu()):
+        with torch.no_grad():
+            want = model(torch.tensor([p])).logits[0, -1]
+        assert (got - want).abs().max().item() <= tol
+    for i in ids:
+        eng.cache.free(i)

@@ -137,3 +137,31 @@ def test_streamer_recovers_from_out_of_order_use():
     with pytest.raises(TidalError, match="without a matching acquire"):
         streamer.release(3)
     be.close()
+
+
+@pytest.mark.parametrize("nbytes", [1, 4095, (4 << 20) - 1, 4 << 20, (6 << 20) + 123])
+def test_cpu_host_memory_holds_bytes_and_asks_for_huge_pages(nbytes):
+    """CPU-backend buffers from 4 MiB up are anonymous mappings advised to use transparent huge pages (fresh
+    memory is what preemption and resume copy into); small ones are plain tensors. Both hold what is copied."""
+    import mmap
+    from pathlib import Path
+
+    from tidal.backends.cpu import HUGE_PAGE_MIN_BYTES, empty_host
+
+    buf = empty_host(nbytes)
+    assert buf.dtype == torch.uint8 and buf.shape == (nbytes,) and buf.is_contiguous()
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes))
+    buf.copy_(src)
+    assert torch.equal(buf, src)
+    smaps = Path("/proc/self/smaps")
+    if nbytes >= HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE") and smaps.exists():
+        addr, flags = buf.data_ptr(), None
+        for line in smaps.read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+        assert flags is not None and "hg" in flags  # VM_HUGEPAGE: the madvise took

@@ -1,31 +1,19 @@
 """`tidal compare` (tidal.study.compare): the CLI end to end on preset `tiny` for both baselines, the layers
 accelerate offloads, the transformers protocol's accounting and token check, an interrupted run, bad
 arguments."""
-import contextlib
 import copy
-import io
 import itertools
 
 import pytest
 import torch
 
-from tidal.cli import main
+from cli_util import run_cli
 from tidal.errors import TransferError
 from tidal.study import compare, profile, schema
 
 # A grid smaller than --quick's: both baselines end to end in well under a minute here.
 GRID = ["--quick", "--fractions", "1", "0.5", "--batches", "1", "2", "--output-lengths", "4",
         "--contexts", "16", "24", "--repeats", "1"]
-
-
-def _run(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse's usage errors
-            rc = exc.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +32,18 @@ def cache(tmp_path_factory):
 
 def _compare(tmp_path_factory, baseline):
     out = tmp_path_factory.mktemp(f"compare-{baseline}")
-    rc, stdout, stderr = _run(["compare", "tiny", "--baseline", baseline, "--device", "cpu", "--out",
+    rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", baseline, "--device", "cpu", "--out",
                                str(out), "--no-progress"] + GRID)
     return rc, out, stdout, stderr
 
 
 @pytest.fixture(scope="module")
-def accelerate_run(cache, tmp_path_factory):
+def acceleraterun_cli(cache, tmp_path_factory):
     return _compare(tmp_path_factory, "accelerate")
 
 
 @pytest.fixture(scope="module")
-def transformers_run(cache, tmp_path_factory):
+def transformersrun_cli(cache, tmp_path_factory):
     return _compare(tmp_path_factory, "transformers")
 
 
@@ -204,7 +192,7 @@ def test_interrupted_baseline_leaves_a_valid_partial_comparison(accelerate_run, 
 
     monkeypatch.setattr(profile, "run_profile", profiled)
     monkeypatch.setattr(compare, "decode_row", interrupt_after_one)
-    rc, stdout, stderr = _run(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
+    rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
                                str(tmp_path), "--no-progress"] + GRID)
     assert rc == 130
     assert "interrupted at accelerate decode" in stderr and "incomplete" in stdout
@@ -225,7 +213,7 @@ def test_interrupted_baseline_leaves_a_valid_partial_comparison(accelerate_run, 
     (["compare", "tiny", "--baseline", "accelerate", "--dtype", "int8"], "argument --dtype: invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(cache, argv, message):
-    rc, stdout, stderr = _run(argv + ["--device", "cpu", "--no-progress"])
+    rc, stdout, stderr = run_cli(argv + ["--device", "cpu", "--no-progress"])
     assert rc == 2 and not stdout
     assert stderr.count("\n") == 1 and stderr.startswith("tidal") and message in stderr, stderr
 
@@ -241,7 +229,7 @@ def test_interrupted_tidal_sweep_measures_no_baseline(cache, tmp_path, monkeypat
 
     monkeypatch.setattr(profile, "decode_row", interrupt)
     monkeypatch.setattr(compare, "decode_row", lambda *a, **k: pytest.fail("the baseline ran"))
-    rc, stdout, stderr = _run(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
+    rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
                                str(tmp_path), "--no-progress"] + GRID)
     assert rc == 130 and "tidal's rows only" in stderr
     doc = schema.load(tmp_path / compare.COMPARE_FILE)

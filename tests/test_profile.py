@@ -1,27 +1,15 @@
 """`tidal profile` (tidal.study): the CLI end to end on preset `tiny` with --quick, an interrupted run, bad
 arguments, and the profile.json schema."""
-import contextlib
 import copy
-import io
 import itertools
 import json
 import math
 
 import pytest
 
-from tidal.cli import main
+from cli_util import run_cli
 from tidal.errors import ConfigError
 from tidal.study import profile, schema
-
-
-def _run(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse's usage errors
-            rc = exc.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quick(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    rc, stdout, stderr = _run(["profile", "tiny", "--quick", "--device", "cpu", "--out", str(out),
+    rc, stdout, stderr = run_cli(["profile", "tiny", "--quick", "--device", "cpu", "--out", str(out),
                                "--no-progress"])
     return rc, out, stdout, stderr
 
@@ -119,7 +107,7 @@ def test_interrupted_run_leaves_a_valid_partial_profile(cache, tmp_path, monkeyp
         return measured[-1]
 
     monkeypatch.setattr(profile, "decode_row", interrupt_after_two)
-    rc, stdout, stderr = _run(["profile", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path),
+    rc, stdout, stderr = run_cli(["profile", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path),
                                "--no-progress"])
     assert rc == 130
     assert "interrupted at decode" in stderr
@@ -139,7 +127,7 @@ def test_interrupted_run_leaves_a_valid_partial_profile(cache, tmp_path, monkeyp
     (["profile", "tiny", "--quick", "--bogus"], "--bogus"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(argv, says, cache, tmp_path):
-    rc, stdout, stderr = _run(argv + ["--out", str(tmp_path)])
+    rc, stdout, stderr = run_cli(argv + ["--out", str(tmp_path)])
     assert rc != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tidal: error: ") and says in lines[0], stderr
@@ -149,7 +137,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(argv, says, cache, tmp_path):
 def test_unwritable_out_dir(cache, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    rc, _, stderr = _run(["profile", "tiny", "--quick", "--out", str(blocker / "out")])
+    rc, _, stderr = run_cli(["profile", "tiny", "--quick", "--out", str(blocker / "out")])
     assert rc == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tidal: error: --out ")

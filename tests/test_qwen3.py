@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tidal
-from hf_models import greedy, make_model
+from hf_models import assert_first_step_logits, greedy, make_model
 from tidal.errors import CheckpointError
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 71, 2, 9], [11], [64, 2, 90, 33]]  # 9 tokens (block 4: not a multiple), 1, 4
@@ -47,17 +47,7 @@ def test_qwen3_greedy_matches_transformers(saved, expected, fraction, device):
 def test_qwen3_first_step_logits_within_1e_4(saved, device):
     model, path = saved
     with engine(path, device, resident_fraction=0.5) as eng:
-        ids = list(range(len(PROMPTS)))
-        for i, p in zip(ids, PROMPTS):
-            eng.cache.allocate(i, len(p))
-        with torch.inference_mode():
-            logits = eng.model.prefill(eng.cache, ids, PROMPTS)
-        for p, got in zip(PROMPTS, logits.cpu()):
-            with torch.no_grad():
-                want = model(torch.tensor([p])).logits[0, -1]
-            assert (got - want).abs().max().item() <= 1e-4
-        for i in ids:
-            eng.cache.free(i)
+        assert_first_step_logits(eng, model, PROMPTS)
 
 
 def test_qwen3_on_the_triton_kernels(saved, expected, device):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 
+from cli_util import run_cli
 from tidal import costmodel
 from tidal.cli import main
 from tidal.errors import ConfigError
@@ -136,11 +137,8 @@ def test_an_interrupted_study_reports_what_it_measured(tmp_path, monkeypatch):
     (["study", "m1", "m1"], "models named twice"),
     (["study", "m1", "--threads", "0"], "--threads=0"),
 ])
-def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, argv, message):
     _fake_compare(monkeypatch)
-    try:
-        rc = main(argv + ["--out", str(tmp_path)])
-    except SystemExit as exc:  # argparse's usage errors
-        rc = exc.code
-    err = capsys.readouterr().err.strip()
+    rc, _, err = run_cli(argv + ["--out", str(tmp_path)])
+    err = err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err

@@ -3,6 +3,8 @@ threading events for CUDA events. It runs the same streaming and swap logic as t
 logic is exercised (and its overlap observable) on machines without a GPU."""
 from __future__ import annotations
 
+import logging
+import mmap
 import queue
 import threading
 import time
@@ -13,6 +15,23 @@ import torch
 
 from ..errors import TransferError
 from .base import Backend, Event, Stall, Transfer
+
+log = logging.getLogger("tidal")
+
+HUGE_PAGE_MIN_BYTES = 4 << 20
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def empty_host(nbytes: int) -> torch.Tensor:
+    """`nbytes` uint8 of host memory; from HUGE_PAGE_MIN_BYTES up, an anonymous mapping advised to use
+    transparent huge pages. The weights' regions and arenas are allocated afresh at each preemption and
+    resume, and first-touch page faults on 4 KiB pages dominated those copies here: 2 GiB copied into fresh
+    memory at 2 GB/s, against 7 GB/s with huge pages and 16 GB/s into touched memory."""
+    if nbytes < HUGE_PAGE_MIN_BYTES or not _HUGE_PAGES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)  # a hint: where THP is "never" the pages are 4 KiB, as without it
+    return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor holds the mapping; unmapped with it
 
 
 class CpuEvent(Event):
@@ -110,13 +129,18 @@ class CpuBackend(Backend):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=_copy_worker, args=(self._jobs,), name="tidal-copy", daemon=True)
         self._thread.start()
+        if not _HUGE_PAGES:
+            log.info("tidal: no MADV_HUGEPAGE here; the CPU backend's large buffers use 4 KiB pages")
         self._last: CpuTransfer | None = None
         # Runs at close, garbage collection or interpreter exit: a daemon thread still inside a copy when the
         # interpreter tears down would be killed mid-call.
         self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._thread)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return empty_host(nbytes)
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return empty_host(nbytes)
 
     def release_host_buffer(self, buf: torch.Tensor) -> None:
         pass

@@ -25,19 +25,21 @@ def profile_figure(doc: dict, path) -> Path:
     try:
         _decode_panel(left, doc)
         _preemption_panel(right, doc)
-        model = doc["model"]
-        title = f"{model['spec']} ({model['dtype']}) on {doc['machine']['device_name']}"
-        if doc["interrupted_at"]:
-            title += f": INCOMPLETE, interrupted at {doc['interrupted_at']}"
-        elif not doc["complete"]:
-            title += ": INCOMPLETE"
-        fig.suptitle(title)
+        fig.suptitle(_title(doc))
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
     return path
+
+
+def _title(doc: dict, what: str = "") -> str:
+    model = doc["model"]
+    title = f"{model['spec']} ({model['dtype']}) on {doc['machine']['device_name']}{what}"
+    if doc["interrupted_at"]:
+        return title + f"\nINCOMPLETE, interrupted at {doc['interrupted_at']}"
+    return title if doc["complete"] else title + ": INCOMPLETE"
 
 
 def _empty(ax, what: str) -> None:
@@ -108,14 +110,7 @@ def compare_figure(doc: dict, path, notes=()) -> Path:
     try:
         _compare_decode_panel(left, doc)
         _compare_preemption_panel(right, doc)
-        model = doc["model"]
-        title = (f"{model['spec']} ({model['dtype']}) on {doc['machine']['device_name']}: tidal against "
-                 f"baselines")
-        if doc["interrupted_at"]:
-            title += f"\nINCOMPLETE, interrupted at {doc['interrupted_at']}"
-        elif not doc["complete"]:
-            title += ": INCOMPLETE"
-        fig.suptitle(title)
+        fig.suptitle(_title(doc, ": tidal against baselines"))
         if lines:
             fig.text(0.01, 0.01, "\n".join(lines), fontsize="x-small", va="bottom", ha="left")
         fig.tight_layout(rect=(0, 0.02 + 0.16 * len(lines) / (5.5 + 0.16 * len(lines)), 1, 1))
