@@ -116,7 +116,7 @@ class Ops:
         """x @ w.T (+ bias). On the CPU, with more than one row, in slices of at most CPU_LINEAR_ROWS output
         features: torch's CPU GEMM takes a far slower kernel for a few rows against a tall weight (measured
         here: an [8, 1024] x [32000, 1024]^T LM head in 34 ms whole, 21 ms in 1024-row slices; one row is
-        a GEMV, 3% slower sliced; bench/bench_engine.py times it)."""
+        a GEMV, 3% slower sliced; the decode effect is in docs/BENCHMARKS.md, engine)."""
         rows = x.numel() // x.shape[-1]
         if self._slice_rows and rows > 1 and w.shape[0] > 2 * CPU_LINEAR_ROWS:
             parts = [F.linear(x, w[i:i + CPU_LINEAR_ROWS], None if bias is None else bias[i:i + CPU_LINEAR_ROWS])

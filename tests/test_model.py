@@ -94,3 +94,20 @@ def test_unsupported_and_broken_configs():
         ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(CheckpointError, match="not a multiple"):
         ModelConfig.from_hf({**base, "num_key_value_heads": 3})
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features", [2048, 2049, 3 * 1024 + 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_in_slices_matches_float64(rows, out_features, bias):
+    """Ops.linear slices tall weights on the CPU (several rows); the result is the whole product."""
+    from tidal.model import Ops
+
+    g = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(out_features, 96, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    got = Ops("reference", torch.device("cpu")).linear(x, w, b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
