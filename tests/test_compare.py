@@ -38,12 +38,12 @@ def _compare(tmp_path_factory, baseline):
 
 
 @pytest.fixture(scope="module")
-def acceleraterun_cli(cache, tmp_path_factory):
+def accelerate_run(cache, tmp_path_factory):
     return _compare(tmp_path_factory, "accelerate")
 
 
 @pytest.fixture(scope="module")
-def transformersrun_cli(cache, tmp_path_factory):
+def transformers_run(cache, tmp_path_factory):
     return _compare(tmp_path_factory, "transformers")
 
 
