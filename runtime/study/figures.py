@@ -26,11 +26,15 @@ def profile_figure(doc: dict, path) -> Path:
         _decode_panel(left, doc)
         _preemption_panel(right, doc)
         fig.suptitle(_title(doc))
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig, path, **layout) -> Path:
+    fig.tight_layout(**layout)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -113,12 +117,9 @@ def compare_figure(doc: dict, path, notes=()) -> Path:
         fig.suptitle(_title(doc, ": tidal against baselines"))
         if lines:
             fig.text(0.01, 0.01, "\n".join(lines), fontsize="x-small", va="bottom", ha="left")
-        fig.tight_layout(rect=(0, 0.02 + 0.16 * len(lines) / (5.5 + 0.16 * len(lines)), 1, 1))
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path, rect=(0, 0.02 + 0.16 * len(lines) / (5.5 + 0.16 * len(lines)), 1, 1))
     finally:
         plt.close(fig)
-    return path
 
 
 def _compare_decode_panel(ax, doc: dict) -> None:
@@ -202,9 +203,6 @@ def degradation_figure(docs: list[dict], path, baseline: str | None = None) -> P
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
