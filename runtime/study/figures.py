@@ -46,6 +46,16 @@ def _title(doc: dict, what: str = "") -> str:
     return title if doc["complete"] else title + ": INCOMPLETE"
 
 
+def _residency_axes(ax, ylabel: str, legend_size: str) -> None:
+    """Axes of a decode-against-residency panel: resident fraction in % on x, from 0."""
+    ax.set_xlabel("resident fraction of decoder layers (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def _empty(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} rows measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
@@ -69,12 +79,7 @@ def _decode_panel(ax, doc: dict) -> None:
         normalised &= top is not None
         ys = [tps / top if top else tps for _, tps in points]
         ax.plot([100 * f for f, _ in points], ys, marker="o", label=f"batch {batch}, {n} tokens")
-    ax.set_xlabel("resident fraction of decoder layers (%)")
-    ax.set_ylabel("tokens/s relative to all resident" if normalised else "tokens/s")
-    ax.set_xlim(-3, 103)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _residency_axes(ax, "tokens/s relative to all resident" if normalised else "tokens/s", "small")
 
 
 def _preemption_panel(ax, doc: dict) -> None:
@@ -137,12 +142,7 @@ def _compare_decode_panel(ax, doc: dict) -> None:
             ax.plot([100 * f for f, _ in points], [tps for _, tps in points], color=f"C{i % 10}",
                     linestyle="-" if tidal else "--", marker="o" if tidal else "s",
                     label=f"{system}, batch {batch}, {n} tokens")
-    ax.set_xlabel("resident fraction of decoder layers (%)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_xlim(-3, 103)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small")
+    _residency_axes(ax, "decode tokens/s", "x-small")
 
 
 def _compare_preemption_panel(ax, doc: dict) -> None:
@@ -197,12 +197,7 @@ def degradation_figure(docs: list[dict], path, baseline: str | None = None) -> P
         if not drawn:
             _empty(ax, "decode")
         else:
-            ax.set_xlabel("resident fraction of decoder layers (%)")
-            ax.set_ylabel("tokens/s relative to tidal all resident")
-            ax.set_xlim(-3, 103)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            _residency_axes(ax, "tokens/s relative to tidal all resident", "small")
         return _save(fig, path)
     finally:
         plt.close(fig)

@@ -16,6 +16,7 @@ JSON without measuring again.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import statistics
 from pathlib import Path
@@ -293,8 +294,6 @@ def _what_if(docs: list[dict]) -> str:
 
 
 def _scaled_step(step, scale: float, resident: int) -> float:
-    import dataclasses
-
     return dataclasses.replace(step, stream_bandwidth=step.stream_bandwidth / scale).seconds(resident, 1, 64)
 
 
@@ -320,7 +319,7 @@ def render(docs: list[dict], figures: dict[str, str], command: str, baseline: st
                     "move nothing on a CPU are emulated by copies (their notes say so).")
     figs = "\n\n".join(f"![{name}]({path})" for name, path in figures.items())
     sections = [_finding_offload(docs, baseline), _finding_preemption(docs), _finding_context_and_links(docs)]
-    notes = [f"- {_name(d)}: {n}" for d in docs for n in (_costmodel(d).fit_notes if _costmodel(d) else ())]
+    notes = [f"- {_name(d)}: {n}" for d, m in zip(docs, map(_costmodel, docs)) for n in (m.fit_notes if m else ())]
     model_errors = [f"- {_name(d)}: held-out error median {h['median_relative_error']:.1%}, max "
                     f"{h['max_relative_error']:.1%} over {h['n']} samples" for d in docs
                     if (h := d["costmodel"].get("holdout"))]
