@@ -6,8 +6,9 @@ import torch
 from ..errors import ConfigError
 from .base import Backend, Event, Stall, Transfer
 from .cpu import CpuBackend
+from .link import LinkEmulation
 
-__all__ = ["Backend", "Event", "Stall", "Transfer", "CpuBackend", "make_backend", "resolve_device"]
+__all__ = ["Backend", "Event", "Stall", "Transfer", "CpuBackend", "LinkEmulation", "make_backend", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,10 +28,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def make_backend(device: str | torch.device | None = None) -> Backend:
+def make_backend(device: str | torch.device | None = None, link: LinkEmulation | None = None) -> Backend:
+    """The backend for `device` (see `resolve_device`). `link` emulates a host<->device link on the CPU
+    backend; a real device has its own, so asking for one there is a ConfigError."""
     device = resolve_device(device)
+    if link is not None and not isinstance(link, LinkEmulation):
+        raise ConfigError(f"link={link!r} must be a tidal.backends.LinkEmulation")
     if device.type == "cuda":
+        if link is not None:
+            raise ConfigError(f"link emulation ({link}) is for the CPU backend; {device} has a real link")
         from .cuda import CudaBackend
 
         return CudaBackend(device)
-    return CpuBackend(device)
+    return CpuBackend(device, link=link)

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import TransferError
 from .base import Backend, Event, Stall, Transfer
+from .link import LinkEmulation
 
 log = logging.getLogger("tidal")
 
@@ -94,7 +95,7 @@ class CpuStall(Stall):
 _STOP = object()
 
 
-def _copy_worker(jobs: queue.SimpleQueue) -> None:
+def _copy_worker(jobs: queue.SimpleQueue, link: LinkEmulation | None) -> None:
     while True:
         job = jobs.get()
         if job is _STOP:
@@ -111,6 +112,12 @@ def _copy_worker(jobs: queue.SimpleQueue) -> None:
                 fn()
             except BaseException as exc:  # reported through the event, re-raised by whoever waits on it
                 error = exc
+            if link is not None and error is None:
+                # the copy engine of an emulated link: the work takes at least bytes / bandwidth, and the wait is
+                # here, on the copy thread, so compute on the caller's thread overlaps it
+                remaining = transfer.start + link.seconds(transfer.nbytes) - time.perf_counter()
+                if remaining > 0:
+                    time.sleep(remaining)
         transfer.end = time.perf_counter()
         transfer.set(error)
 
@@ -124,10 +131,12 @@ def _stop_worker(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", link: LinkEmulation | None = None):
         self.device = torch.device(device)
+        self.link = link
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_copy_worker, args=(self._jobs,), name="tidal-copy", daemon=True)
+        self._thread = threading.Thread(target=_copy_worker, args=(self._jobs, link), name="tidal-copy",
+                                        daemon=True)
         self._thread.start()
         if not _HUGE_PAGES:
             log.info("tidal: no MADV_HUGEPAGE here; the CPU backend's large buffers use 4 KiB pages")
