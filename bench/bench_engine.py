@@ -19,7 +19,7 @@ from tidal.study.runs import hf_generator, same_length_prompts, tidal_generator
 
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False,
-             eos_token_id=None, bos_token_id=None, pad_token_id=0)
+             rope_theta=10000.0, rms_norm_eps=1e-6)
 PROMPT_LEN, NEW_TOKENS = 16, 16
 
 
@@ -28,9 +28,9 @@ def generators():
     from transformers import AutoModelForCausalLM
 
     import tidal
-    from tidal.checkpoints import random_checkpoint
+    from tidal import presets
 
-    path = random_checkpoint("llama", SHAPE, seed=0, dtype="float32")
+    path = presets.build(presets.Preset("bench-engine", "llama", **SHAPE), torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = tidal.Engine.from_pretrained(path, device="cpu", dtype=torch.float32, max_batch_size=8)
     threads = torch.get_num_threads()

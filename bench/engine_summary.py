@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/engine_summary.py [--model-size medium] [--dtypes float32,bfloat16] [--rounds 5]
 
-The model is a random-weight Llama checkpoint (built once by `tidal.checkpoints.random_checkpoint`, cached),
+The model is a random-weight Llama checkpoint (built once by `tidal.presets.build`, cached),
 TinyLlama-shaped but smaller so that a CPU decodes it in tens of milliseconds a token. Both sides load the
 same checkpoint in the same dtype, run on the same threads, generate from the same same-length prompts (no
 padding) the same number of tokens greedily, and are timed in alternating order (tidal.study.runs.decode_rounds).
@@ -36,15 +36,15 @@ SHAPES = {
     "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000),
 }
-COMMON = dict(max_position_embeddings=2048, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None,
-              pad_token_id=0, rope_theta=10000.0)
+COMMON = dict(max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
 TARGETS = {1: 1.0, 8: 2.0}
 
 
 def checkpoint(size: str):
-    from tidal.checkpoints import random_checkpoint
+    from tidal import presets
 
-    return random_checkpoint("llama", {**SHAPES[size], **COMMON}, seed=0, dtype="float32")
+    preset = presets.Preset(f"engine-summary-{size}", "llama", **SHAPES[size], **COMMON)
+    return presets.build(preset, torch.float32)
 
 
 def describe(size: str) -> str:

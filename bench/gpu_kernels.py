@@ -17,13 +17,13 @@ import time
 
 import torch
 
+import gpu_plan
 import tidal.kernels as K
+from gpu_report import KERNEL_COPY as TARGET, KERNEL_MIN_WORK
 from tidal.report import format_table
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
-CASES = [(b, c) for b in (1, 16, 64) for c in (512, 4096, 32768)]
 ROTATE_BYTES = 512 << 20  # well over any L2 (50-60 MB on H100/H200)
-TARGET = 0.7
 RUNS = 50
 VERDICT = {None: "", True: "met", False: "MISSED"}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -151,7 +151,7 @@ def _bench_case(batch, context, copy_gbps, num_sms, device, runs) -> tuple:
     gbps = (kv_bytes + 2 * q.numel() * 2) / t_tidal / 1e9
     r = dict(batch=batch, context=context, splits=splits, copies=copies, tidal_us=t_tidal * 1e6,
              sdpa_us=t_sdpa * 1e6, tidal_gbps=gbps, of_copy=gbps / copy_gbps, rel_err=err,
-             target_applies=batch * context >= 16 * 4096)
+             target_applies=batch * context >= KERNEL_MIN_WORK)
     r["target_met"] = (r["of_copy"] >= TARGET and t_tidal < t_sdpa) if r["target_applies"] else None
     row = [batch, context, splits, r["tidal_us"], r["sdpa_us"], gbps, f"{r['of_copy']:.0%}",
            f"{t_sdpa / t_tidal:.2f}x", f"{err:.1e}", VERDICT[r["target_met"]]]
@@ -170,15 +170,19 @@ def run(ctx) -> dict:
     ctx.log(f"device copy: {copy_gbps:.0f} GB/s (read + write)")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if gpu else K.INTERPRETER_SMS
     rows, results, stopped = [], [], None
-    cases = CASES if gpu and not ctx.quick else CASES[:2] if gpu else [(1, 64)]
-    for batch, context in cases:
-        if ctx.seconds_left() < 10:
-            stopped = f"time budget spent; stopped before batch {batch}, context {context}"
+    partial = dict(path=path, correctness=checks, copy_gbps=copy_gbps, num_sms=num_sms, rows=results)
+    ctx.progress(partial)
+    for batch, context in gpu_plan.grid(gpu_plan.KERNEL_CASES, ctx.quick):
+        est = gpu_plan.kernel_case_s(batch, context, ctx.rates)
+        if not ctx.fits(est):
+            stopped = (f"not run for time: batch {batch} x context {context} and after (needs ~{est:.0f} s, "
+                       f"{ctx.seconds_left():.0f} s left)")
             ctx.log(stopped)
             break
         r, row = _bench_case(batch, context, copy_gbps, num_sms, device, RUNS if gpu else 2)
         results.append(r)
         rows.append(row)
+        ctx.progress(partial)
         if gpu:
             torch.cuda.empty_cache()
     table = (f"path {path}\n" + format_table(["kernel check", "rel err", "tol", "ok"], checks) +

@@ -1,28 +1,34 @@
-"""gpu_check section "streaming": pinned copy bandwidth, and decode on a Llama-3.2-1B-shaped model (random
-weights, bf16) at resident fractions 1.0 to 0, tidal beside accelerate offloading the same layers."""
+"""gpu_check section "streaming": `tidal.offload` of a transformers model (the shared Llama-3.2-1B- and
+Llama-3-8B-shaped bf16 checkpoints) at several resident fractions, beside accelerate offloading the same
+decoder layers (the 1B model; the 8B model's accelerate rows are the engine section's), and the pinned copy
+bandwidth measured in the same run.
+
+A decode step is a one-token forward over a 128-token cache. Its bound is max(the all-resident step of the
+same model in this run, the bytes tidal streamed in that step / the pinned H2D bandwidth of this run); the
+target is a streamed step within gpu_report.STREAMED_BOUND of that bound.
+
+The model is loaded once per shape and offloaded, measured and restored at each fraction in turn; accelerate's
+variants each load the checkpoint afresh (its hooks replace the offloaded weights).
+"""
+from __future__ import annotations
+
+import gc
 import statistics
 import time
 
 import torch
 
-import tidal
-from tidal.baselines import accelerate_offload
-from tidal.measure import copy_bandwidth
-from tidal.report import format_table
+import gpu_plan
+from gpu_engine import dtype_for
 
-LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                    max_position_embeddings=4096)
-QUICK_SHAPE = dict(LLAMA_3_2_1B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=1024)  # --quick: a smoke run of the same code
-FRACTIONS = [1.0, 0.75, 0.5, 0.25, 0.0]
+CONTEXT = 128
 
 
-def _model(device, shape):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _load(path, device, dtype):
+    from transformers import AutoModelForCausalLM
 
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16).eval()
+    kw = {} if device == "cpu" else {"device_map": device}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
 
 
 def _sync(device):
@@ -30,16 +36,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _decode_step_time(model, device, budget_s: float, context: int = 128) -> float:
-    """Median wall time of a one-token forward over a `context`-token prefix cache."""
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def decode_step_time(model, device, steps: int, deadline: float) -> float:
+    """Median wall time of a one-token forward over a CONTEXT-token prefix cache: `steps` timed after one
+    untimed, fewer (at least 2) when `deadline` (time.monotonic()) comes first."""
     from transformers import DynamicCache
 
-    ids = torch.randint(0, 1000, (1, context), device=device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, CONTEXT), device=device)
     with torch.no_grad():
         prefix = model(ids, use_cache=True).past_key_values
-    token, pos = torch.randint(0, 1000, (1, 1), device=device), torch.tensor([[context]], device=device)
-    times, end = [], time.monotonic() + budget_s
-    while len(times) < 3 or (len(times) < 30 and time.monotonic() < end):
+    token, pos = torch.randint(0, vocab, (1, 1), device=device), torch.tensor([[CONTEXT]], device=device)
+    times = []
+    while len(times) < 3 or (len(times) < steps + 1 and time.monotonic() < deadline):
         cache = DynamicCache()
         for i, layer in enumerate(prefix.layers):
             cache.update(layer.keys, layer.values, i)
@@ -52,41 +66,114 @@ def _decode_step_time(model, device, budget_s: float, context: int = 128) -> flo
     return statistics.median(times[1:])
 
 
+def _tidal_rows(model, m, g, ctx, result) -> None:
+    import tidal
+
+    for f in g["tidal"]:
+        est = gpu_plan.streaming_variant_s(m, "tidal", f, g["steps"], ctx.rates)
+        if not ctx.fits(est):
+            why = f"time: needs ~{est:.0f} s, {ctx.seconds_left():.0f} s left"
+            result["decode"].append(dict(model=m.label, kind="tidal", resident_fraction=f, skipped=why))
+            continue
+        tidal.offload(model, resident_fraction=f, prefetch_depth=2, device=ctx.device)
+        try:
+            step = decode_step_time(model, ctx.device, g["steps"], time.monotonic() + 2 * est)
+            last = tidal.stats(model).last
+        finally:
+            tidal.restore(model)
+        result["decode"].append(dict(model=m.label, kind="tidal", resident_fraction=f, step_ms=step * 1e3,
+                                     tok_s=1 / step, mb_per_step=last.bytes_streamed / 1e6,
+                                     stall_ms=last.stall_seconds * 1e3))
+        ctx.log(f"{m.label} tidal {f}: {step * 1e3:.1f} ms/step, {last.bytes_streamed / 1e6:.0f} MB streamed")
+        ctx.progress(result)
+
+
+def _accelerate_rows(path, m, g, ctx, result) -> None:
+    import tidal
+    from tidal.baselines import accelerate_offload
+
+    for f in g["accelerate"]:
+        est = gpu_plan.streaming_variant_s(m, "accelerate", f, g["steps"], ctx.rates)
+        if not ctx.fits(est):
+            why = f"time: needs ~{est:.0f} s, {ctx.seconds_left():.0f} s left"
+            result["decode"].append(dict(model=m.label, kind="accelerate", resident_fraction=f, skipped=why))
+            continue
+        model = _load(path, "cpu", dtype_for(ctx.device))
+        streamed = tidal.ResidencyPlan.from_fraction(m.layers, f).streamed_layers
+        accelerate_offload(model, streamed, device=ctx.device)
+        step = decode_step_time(model, ctx.device, g["steps"], time.monotonic() + 2 * est)
+        del model
+        _free(ctx.device)
+        result["decode"].append(dict(model=m.label, kind="accelerate", resident_fraction=f,
+                                     step_ms=step * 1e3, tok_s=1 / step))
+        ctx.log(f"{m.label} accelerate {f}: {step * 1e3:.1f} ms/step")
+        ctx.progress(result)
+
+
+def add_bounds(rows: list[dict], h2d_gbps: float) -> None:
+    """Per measured row: the all-resident step of its model (tidal at 1.0), and for tidal's rows the link time
+    of the bytes streamed, the bound (the larger) and step / bound; every row: its step over the resident
+    one."""
+    resident = {r["model"]: r["step_ms"] for r in rows
+                if r["kind"] == "tidal" and r["resident_fraction"] == 1.0 and "step_ms" in r}
+    for r in rows:
+        base = resident.get(r["model"])
+        if "step_ms" not in r or base is None:
+            continue
+        r.update(resident_ms=base, x_resident=r["step_ms"] / base, h2d_gbps=h2d_gbps)
+        if r["kind"] == "tidal":
+            r["link_ms"] = r["mb_per_step"] * 1e6 / (h2d_gbps * 1e9) * 1e3
+            r["bound_ms"] = max(base, r["link_ms"])
+            r["step_over_bound"] = r["step_ms"] / r["bound_ms"]
+
+
+def table(result: dict) -> str:
+    from tidal.report import format_table
+
+    rows = []
+    for r in sorted(result["decode"], key=lambda r: (r["model"], -r["resident_fraction"], r["kind"])):
+        if "skipped" in r:
+            rows.append([r["model"], r["resident_fraction"], r["kind"], f"not run: {r['skipped']}"]
+                        + [""] * 6)
+            continue
+        rows.append([r["model"], r["resident_fraction"], r["kind"], r["step_ms"], r.get("mb_per_step", ""),
+                     r.get("stall_ms", ""), r.get("link_ms", ""), r.get("bound_ms", ""),
+                     f"{r['step_over_bound']:.2f}" if "step_over_bound" in r else "",
+                     f"{r['x_resident']:.2f}x" if "x_resident" in r else ""])
+    bw = result["bandwidth"]
+    return (f"pinned H2D {bw['h2d_gbps']:.1f} GB/s, D2H {bw['d2h_gbps']:.1f} GB/s (same run); "
+            f"{str(dtype_for(result['device'])).removeprefix('torch.')}, random weights; "
+            f"one-token step over a {CONTEXT}-token cache\n"
+            + format_table(["model", "resident", "impl", "step ms", "MB/step", "stall ms", "link ms",
+                            "bound ms", "step/bound", "x resident"], rows)
+            + "".join(f"\nnote: {n}" for n in result["notes"]))
+
+
 def run(ctx) -> dict:
-    shape = QUICK_SHAPE if ctx.quick else LLAMA_3_2_1B
-    layers = shape["num_hidden_layers"]
-    bw = copy_bandwidth(ctx.device, nbytes=(64 << 20) if ctx.quick else (1 << 30))
+    from tidal.measure import copy_bandwidth
+
+    bw = copy_bandwidth(ctx.device, nbytes=(64 << 20) if ctx.quick else gpu_plan.GIB)
     ctx.log(f"pinned copy: {bw['h2d_gbps']:.1f} GB/s H2D, {bw['d2h_gbps']:.1f} GB/s D2H")
-    fractions = [1.0, 0.0] if ctx.quick else FRACTIONS
-    per_run = max(1.0, (ctx.seconds_left() - 20) / (2 * len(fractions)) - 3)
-    rows, results, base = [], [], None
-    for fraction in fractions:
-        for kind in ("tidal", "accelerate"):
-            if ctx.seconds_left() < 15:
-                ctx.log("time budget spent; stopping early")
-                break
-            model = _model("cpu" if kind == "accelerate" and fraction < 1 else ctx.device, shape)
-            streamed = tidal.ResidencyPlan.from_fraction(layers, fraction).streamed_layers
-            if kind == "tidal":
-                tidal.offload(model, resident_fraction=fraction, prefetch_depth=2, device=ctx.device)
-            else:
-                accelerate_offload(model, streamed, device=ctx.device)
-            step = _decode_step_time(model, ctx.device, per_run)
-            r = {"kind": kind, "resident_fraction": fraction, "step_ms": step * 1e3, "tok_s": 1 / step}
-            if kind == "tidal":
-                st = tidal.stats(model)
-                r.update(mb_per_token=st.last.bytes_streamed / 1e6, stall_ms=st.last.stall_seconds * 1e3,
-                         bound_ms=st.last.bytes_streamed / (bw["h2d_gbps"] * 1e9) * 1e3)
-                if fraction == 1.0:
-                    base = step
-            r["vs_resident"] = base / step if base else None
-            results.append(r)
-            rows.append([kind, fraction, r["step_ms"], r["tok_s"], r.get("mb_per_token", ""), r.get("stall_ms", ""),
-                         r.get("bound_ms", ""), r["vs_resident"] or ""])
+    result = {"bandwidth": bw, "decode": [], "notes": [], "device": ctx.device}
+    ctx.progress(result)
+    for m, g in gpu_plan.grid(gpu_plan.STREAMING, ctx.quick):
+        path = ctx.checkpoint(m.preset)
+        if path is None:
+            result["notes"].append(f"{m.label}: not run, no checkpoint (see the checkpoints section)")
+            continue
+        first = gpu_plan.streaming_variant_s(m, "tidal", g["tidal"][0], g["steps"], ctx.rates)
+        if not ctx.fits(gpu_plan.hf_load_s(m, ctx.rates) + first):
+            result["notes"].append(f"{m.label}: not run, {ctx.seconds_left():.0f} s left")
+            continue
+        model = _load(path, ctx.device, dtype_for(ctx.device))
+        try:
+            _tidal_rows(model, m, g, ctx, result)
+        finally:
             del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    table = (f"pinned H2D {bw['h2d_gbps']:.1f} GB/s, D2H {bw['d2h_gbps']:.1f} GB/s\n" +
-             format_table(["impl", "resident", "step ms", "tok/s", "MB/token", "stall ms", "link bound ms",
-                           "x resident"], rows))
-    return {"model": shape, "bandwidth": bw, "decode": results, "table": table}
+            _free(ctx.device)
+        _accelerate_rows(path, m, g, ctx, result)
+        add_bounds(result["decode"], bw["h2d_gbps"])
+        ctx.progress(result)
+    add_bounds(result["decode"], bw["h2d_gbps"])
+    result["table"] = table(result)
+    return result

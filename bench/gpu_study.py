@@ -1,66 +1,47 @@
-"""gpu_check section "study": `tidal study` (tidal.study.report.run_study) on the Llama-3.2-1B and Llama-3-8B
-presets, bf16, on the GPU, against accelerate offloading the same layers and the transformers user's
-preemption protocol; the report and every document go under OUT/study/.
+"""gpu_check section "study": `tidal study` (tidal.study.report.run_study) on the shared Llama-3.2-1B-shaped
+bf16 checkpoint, on the GPU, against accelerate offloading the same layers and the transformers user's
+preemption protocol; the report and every document go under WORK/study/ (gpu_check copies REPORT.md into
+--out as STUDY-REPORT.md).
 
-The grid is cut to the section's time share: fractions 1, 0.5 and 0, batches 1 and 8, 32 new tokens, contexts
-of 1024 and 4096 tokens, 2 repeats. The 8B model is studied only when at least 240 s remain after the 1B one;
-otherwise the report covers the 1B model and the table says the 8B was skipped. At the deadline the run is
-interrupted (SIGALRM raises KeyboardInterrupt, which `tidal study` turns into a partial, marked report).
-
-    python bench/gpu_check.py --out out/ --sections study --budget-s 480
+The grid is gpu_plan.STUDY: small enough for the section's share. No timer runs in this process: at the end of
+the share gpu_check sends SIGINT, which `tidal study` turns into a partial report marked incomplete; a SIGINT
+that lands outside the study's own handler is caught by gpu_check's section runner, which keeps what was
+saved with `ctx.progress`.
 """
 from __future__ import annotations
 
-import signal
+import importlib.util
 import time
-from pathlib import Path
 
-MODELS = ("llama-3.2-1b", "llama-3-8b")
-EIGHT_B_NEEDS_S = 240
-
-
-def _settings(quick: bool):
-    from tidal.study.profile import ProfileSettings
-
-    if quick:  # the CPU smoke run of tests/test_gpu_check.py
-        return ProfileSettings.quick().replace(fractions=(1.0, 0.0), batches=(1,), contexts=(32,), repeats=1)
-    return ProfileSettings.quick().replace(batches=(1, 8), output_lengths=(32,), prompt_tokens=16,
-                                           contexts=(1024, 4096), preemption_batch=2, repeats=2)
+import gpu_plan
 
 
 def run(ctx) -> dict:
+    g = gpu_plan.grid(gpu_plan.STUDY, ctx.quick)
+    missing = [m for m in ("jsonschema", "matplotlib", "transformers", "accelerate")
+               if importlib.util.find_spec(m) is None]
+    if missing:  # the study validates and plots its documents
+        return {"skipped": f"not run: {', '.join(missing)} not installed", "complete": False,
+                "table": f"study not run: {', '.join(missing)} not installed (carry them as wheels)"}
     import torch
 
     from tidal.study import report
+    from tidal.study.profile import ProfileSettings
 
-    models = ("tiny",) if ctx.quick else MODELS
-    out = Path(ctx.out_dir) / "study"
+    spec, name = ctx.checkpoint(g["model"].preset), g["model"].label
+    if spec is None:
+        return {"skipped": "no checkpoint", "complete": False, "table": "study not run: no checkpoint"}
+    settings = ProfileSettings.quick().replace(
+        **{k: g[k] for k in ("fractions", "batches", "output_lengths", "prompt_tokens", "contexts",
+                             "preemption_batch", "repeats")})
+    out = ctx.work_dir / "study"
+    ctx.progress({"models": [name], "report": str(out / report.REPORT_FILE), "complete": False})
     dtype = torch.float32 if ctx.device == "cpu" else torch.bfloat16
-    notes, done = [], []
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    try:
-        signal.alarm(max(1, int(ctx.seconds_left())))
-        specs = list(models[:1])
-        path, complete = report.run_study(specs, _settings(ctx.quick), out, "accelerate", device=ctx.device,
-                                          dtype=dtype, progress=False, command="bench/gpu_study.py")
-        done += specs
-        if complete and len(models) > 1:
-            if ctx.seconds_left() >= EIGHT_B_NEEDS_S:
-                path, complete = report.run_study(list(models), _settings(ctx.quick), out, "accelerate",
-                                                  device=ctx.device, dtype=dtype, progress=False,
-                                                  command="bench/gpu_study.py")
-                done = list(models)
-            else:
-                notes.append(f"{models[1]} skipped: {ctx.seconds_left():.0f} s left, it needs {EIGHT_B_NEEDS_S}")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    path, complete = report.run_study([str(spec)], settings, out, "accelerate", device=ctx.device,
+                                      dtype=dtype, progress=False,
+                                      command="bench/gpu_check.py (section study)")
     text = path.read_text()
-    table = "\n".join([f"study of {', '.join(done)}: {'complete' if complete else 'INCOMPLETE'}; report {path}"]
-                      + notes + ["", text])
-    return {"report": str(path), "complete": complete, "models": done, "notes": notes, "table": table,
+    head = f"study of {name} ({spec}): {'complete' if complete else 'INCOMPLETE'}; report {path}"
+    table = "\n".join([head, "", text])
+    return {"report": str(path), "complete": complete, "models": [name], "table": table,
             "date": time.strftime("%Y-%m-%d")}

@@ -37,7 +37,7 @@ from tidal import native
 from tidal.arena import layout
 from tidal.backends import make_backend
 from tidal.checkpoint import Checkpoint
-from tidal.checkpoints import cache_dir
+from tidal.presets import cache_root
 from tidal.study.runs import drop_from_cache
 
 HIDDEN, INTER, KV, VOCAB = 2048, 8192, 512, 128256  # Llama-3.2-1B
@@ -59,7 +59,7 @@ def bench_checkpoint(layers: int) -> Path:
     """A checkpoint directory of `layers` Llama-3.2-1B-shaped layers, written once and reused."""
     from safetensors.torch import save_file
 
-    path = cache_dir() / f"loader-bench-llama1b-{layers}l"
+    path = cache_root() / f"loader-bench-llama1b-{layers}l"
     if (path / "model.safetensors").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")

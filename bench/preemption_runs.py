@@ -49,12 +49,12 @@ def write_shaped(path, shape: dict, dtype: torch.dtype = torch.bfloat16, device=
 
 def cached_shaped(name: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     """`write_shaped` of MODELS[name], written once under tidal's cache directory and reused."""
-    from tidal.checkpoints import cache_dir
+    from tidal.presets import cache_root
 
     shape = MODELS[name]
     key = json.dumps([shape, str(dtype), MAX_POSITIONS], sort_keys=True)
     key = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"preemption-{name}-{key}"
+    path = cache_root() / f"preemption-{name}-{key}"
     if (path / "config.json").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")

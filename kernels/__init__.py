@@ -113,8 +113,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
         q = q.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     splits = num_splits or choose_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1], _num_sms(q))
-    return attention.launch(q, k_cache, v_cache, block_tables, seq_lens, scale, out, splits,
-                            interpreted=taken == "triton-interpreter")
+    for spec in attention.launches(q, k_cache, v_cache, block_tables, seq_lens, scale, out, splits,
+                                   interpreted=taken == "triton-interpreter"):
+        spec.run()
+    return out
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, *, path: str | None = None) -> None:
@@ -143,7 +145,7 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, *, path: str | None = N
 
     # the kernel walks each token's [Hkv, D] row with unit stride; tokens may be strided
     key, value = (t if t[0:1].is_contiguous() else t.contiguous() for t in (key, value))
-    elementwise.write_kv(key, value, k_cache, v_cache, slot_mapping)
+    elementwise.write_kv_launch(key, value, k_cache, v_cache, slot_mapping).run()
 
 
 def rms_norm(x, weight, eps: float, residual=None, *, path: str | None = None):
@@ -166,7 +168,7 @@ def rms_norm(x, weight, eps: float, residual=None, *, path: str | None = None):
     residual = None if residual is None else residual.contiguous()
     out = torch.empty_like(x)
     residual_out = None if residual is None else torch.empty_like(x)
-    elementwise.rms_norm(x, weight.contiguous(), float(eps), residual, out, residual_out)
+    elementwise.rms_norm_launch(x, weight.contiguous(), float(eps), residual, out, residual_out).run()
     return out if residual is None else (out, residual_out)
 
 
@@ -195,7 +197,7 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool = True, *, pa
     elementwise = _triton("elementwise")
 
     for x in (q, k):
-        elementwise.rotary(positions, x, cos_sin_cache.contiguous(), is_neox)
+        elementwise.rotary_launch(positions, x, cos_sin_cache.contiguous(), is_neox).run()
     return q, k
 
 
@@ -211,5 +213,5 @@ def silu_and_mul(x, *, path: str | None = None):
 
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
-    elementwise.silu_and_mul(x, out)
+    elementwise.silu_and_mul_launch(x, out).run()
     return out

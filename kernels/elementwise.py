@@ -4,6 +4,8 @@ loses nothing)."""
 import triton
 import triton.language as tl
 
+from .launch import LaunchSpec
+
 
 @triton.jit
 def _write_kv(key_ptr, value_ptr,  # [T, Hkv, D], rows contiguous
@@ -71,34 +73,34 @@ def _silu_and_mul(x_ptr, out_ptr, d, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * d + i, (a / (1.0 + tl.exp(-a)) * b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping):
-    num_tokens = key.shape[0]
+# The launch of each kernel, which tidal.kernels runs and tests/test_kernels_compile.py compiles for the GPU.
+def write_kv_launch(key, value, k_cache, v_cache, slot_mapping):
     row = k_cache.shape[2] * k_cache.shape[3]
-    if num_tokens:
-        _write_kv[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-                                 ROW=row, ROW_PAD=triton.next_power_of_2(row))
+    return LaunchSpec(_write_kv, (key.shape[0],),
+                      (key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0)),
+                      dict(ROW=row, ROW_PAD=triton.next_power_of_2(row)))
 
 
-def rms_norm(x, weight, eps, residual, out, residual_out):
+def rms_norm_launch(x, weight, eps, residual, out, residual_out):
     n = x.shape[-1]
-    rows = x.numel() // n
-    _rms_norm[(rows,)](x, weight, out, residual if residual is not None else x,
-                       residual_out if residual_out is not None else out, eps, n,
-                       HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return LaunchSpec(_rms_norm, (x.numel() // max(n, 1),),
+                      (x, weight, out, residual if residual is not None else x,
+                       residual_out if residual_out is not None else out, eps, n),
+                      dict(HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n)))
 
 
-def rotary(positions, x, cos_sin_cache, is_neox):
+def rotary_launch(positions, x, cos_sin_cache, is_neox):
     num_tokens, num_heads, _ = x.shape
     half = cos_sin_cache.shape[1] // 2
-    if num_tokens:
-        _rotary[(num_tokens,)](positions, x, cos_sin_cache, x.stride(0), x.stride(1), num_heads,
-                               cos_sin_cache.stride(0), HALF=half, HALF_PAD=triton.next_power_of_2(half),
-                               HEADS_PAD=triton.next_power_of_2(num_heads), IS_NEOX=is_neox)
+    return LaunchSpec(_rotary, (num_tokens,),
+                      (positions, x, cos_sin_cache, x.stride(0), x.stride(1), num_heads,
+                       cos_sin_cache.stride(0)),
+                      dict(HALF=half, HALF_PAD=triton.next_power_of_2(half),
+                           HEADS_PAD=triton.next_power_of_2(num_heads), IS_NEOX=is_neox))
 
 
-def silu_and_mul(x, out):
+def silu_and_mul_launch(x, out):
     d = x.shape[-1] // 2
-    rows = x.numel() // (2 * d)
+    rows = x.numel() // max(2 * d, 1)
     block = min(1024, triton.next_power_of_2(d))
-    if rows:
-        _silu_and_mul[(rows, triton.cdiv(d, block))](x, out, d, BLOCK=block)
+    return LaunchSpec(_silu_and_mul, (rows, triton.cdiv(d, block)), (x, out, d), dict(BLOCK=block))

@@ -53,9 +53,9 @@ def layout(tensors: list[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[Ten
 class HostArena:
     """One host buffer (pinned on CUDA) handed out by a bump allocator, released all at once."""
 
-    def __init__(self, backend: Backend, nbytes: int):
+    def __init__(self, backend: Backend, nbytes: int, label: str = "host arena"):
         self.backend = backend
-        self.buffer = backend.host_buffer(align_up(nbytes))
+        self.buffer = backend.host_buffer(align_up(nbytes), label=label)
         self.used = 0
 
     @property

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .backends.link import LinkEmulation, coerce as _coerce_link
 from .errors import ConfigError
 from .plan import ResidencyPlan
 
@@ -15,7 +16,8 @@ class OffloadConfig:
     """How `tidal.offload` places a model: which layers stay resident, how far ahead to stream, where.
 
     Give at most one of `resident_layers` and `device_budget_bytes`; either overrides `resident_fraction`,
-    which must then stay at its default of 1.0.
+    which must then stay at its default of 1.0. `link`: an emulated host<->device link for the CPU backend
+    (a `tidal.backends.LinkEmulation`, or a bandwidth in GB/s).
     """
 
     resident_fraction: float = 1.0
@@ -24,6 +26,7 @@ class OffloadConfig:
     device: Optional[str] = None
     device_budget_bytes: Optional[int] = None
     record_timeline: bool = False
+    link: Optional[LinkEmulation] = None
 
     def __post_init__(self):
         f = self.resident_fraction
@@ -46,6 +49,10 @@ class OffloadConfig:
             raise ConfigError(f"device_budget_bytes={b!r} must be an int >= 0")
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
+        object.__setattr__(self, "link", _coerce_link(self.link))
+        if self.link is not None and str(self.device or "").startswith("cuda"):
+            raise ConfigError(f"link ({self.link}) emulates a link on the CPU backend; device={self.device!r} "
+                              f"has a real one")
 
     def plan(self, layer_bytes: list[int], fixed_bytes: int = 0) -> ResidencyPlan:
         """The residency plan this configuration asks for, over layers of `layer_bytes` device bytes each;

@@ -45,6 +45,7 @@ CPU_KV_BYTES = 512 << 20  # default KV pool on the CPU backend
 HOST_KV_CAP = 8 << 30  # default host (swap) pool: as large as the device pool, at most this
 CUDA_KV_FRACTION = 0.85  # of the device memory free after the weights, by default
 CUDA_HEADROOM = 1 << 30  # left for activations and the allocator when sizing the default KV pool
+_SYNTHETIC_KV = 0.01  # what add_synthetic_request writes: any value would do, writing is what counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,7 @@ class EngineStats:
     prefetch_depth: int
     host_weight_bytes: int
     pinned_weight_bytes: int
+    host_memory: str  # "pinned"; "pageable (...)" where page-locking failed, saying why; or the CPU backend's
     ring_bytes: int
     kv_block_size: int
     kv_device_blocks: int
@@ -208,7 +210,7 @@ class Engine:
                         kv_cache_bytes: int | None = None, max_batch_size: int | None = None, *,
                         host_kv_bytes: int | None = None, preemption: str = "swap", kernels: str = "auto",
                         max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None,
-                        keep_host_copy: bool = False) -> "Engine":
+                        keep_host_copy: bool = False, link=None) -> "Engine":
         """Load a Hugging Face checkpoint directory (Llama, Qwen2, Mistral; `model.safetensors` or shards).
 
         Placement as in `tidal.offload`: `resident_fraction`, `resident_layers` or `device_budget_bytes` say
@@ -219,7 +221,8 @@ class Engine:
         most 8 GiB). `kernels`: "auto" (Triton on CUDA, torch references on the CPU), "triton" or
         "reference". `keep_host_copy`: hold a pinned host copy of the device-resident weights for the engine's
         lifetime (read once at load, then copied to the device), so that `preempt(weights="host")` copies
-        nothing and only releases device memory; it costs that many host bytes while active. Raises
+        nothing and only releases device memory; it costs that many host bytes while active. `link` (CPU
+        backend only): an emulated host<->device link, a `tidal.backends.LinkEmulation` or GB/s. Raises
         CheckpointError naming the file and tensor for a missing or damaged checkpoint, ConfigError for a bad
         argument, before anything is allocated.
         """
@@ -229,9 +232,9 @@ class Engine:
                           resident_layers=resident_layers, prefetch_depth=prefetch_depth, block_size=block_size,
                           kv_cache_bytes=kv_cache_bytes, max_batch_size=max_batch_size, host_kv_bytes=host_kv_bytes,
                           preemption=preemption, kernels=kernels, max_prefill_tokens=max_prefill_tokens,
-                          device_budget_bytes=device_budget_bytes, keep_host_copy=keep_host_copy)
+                          device_budget_bytes=device_budget_bytes, keep_host_copy=keep_host_copy, link=link)
         cfg, plan, kv = p.engine, p.plan, p.kv
-        backend = make_backend(p.device)
+        backend = make_backend(p.device, link=p.offload.link)
         weights = streamer = cache = None
         try:
             weights = W.load(p.checkpoint, p.model, plan, backend, p.dtype, keep_host_copy=cfg.keep_host_copy)
@@ -263,7 +266,7 @@ class Engine:
                   kv_cache_bytes: int | None = None, max_batch_size: int | None = None, *,
                   host_kv_bytes: int | None = None, preemption: str = "swap", kernels: str = "auto",
                   max_prefill_tokens: int = 4096, device_budget_bytes: int | None = None,
-                  keep_host_copy: bool = False) -> "Placement":
+                  keep_host_copy: bool = False, link=None) -> "Placement":
         """What `from_pretrained` with these arguments would place where, and the bytes it would hold on each
         tier, from the checkpoint's headers alone (nothing is allocated). Validates every argument."""
         from . import weights as W
@@ -273,7 +276,8 @@ class Engine:
                            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
                            preemption=preemption, kernels=kernels, keep_host_copy=keep_host_copy)
         offload = OffloadConfig(resident_fraction=resident_fraction, resident_layers=resident_layers,
-                                prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes)
+                                prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes,
+                                link=link)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ConfigError(f"dtype={dtype!r} must be a floating-point torch dtype")
         target = resolve_device(offload.device)
@@ -310,6 +314,54 @@ class Engine:
         self._check_open()
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids or ()))
         return self._add(prompt, params)
+
+    def add_synthetic_request(self, context_tokens: int, max_new_tokens: int = 16, token: int = 1) -> int:
+        """FOR MEASUREMENT ONLY: a running request whose KV cache holds `context_tokens` tokens, placed
+        without a prefill; returns its id. What preemption moves depends on how many KV blocks there are, not
+        on what they hold, so a benchmark can swap 8 x 16k tokens on a CPU that would take minutes to prefill
+        them.
+
+        The request is as a prefill would leave it (greedy): its prompt is `context_tokens` copies of `token`,
+        its first output token is `token` (never returned by `step()`), and the next `step()` decodes it
+        at position `context_tokens`. `max_new_tokens` counts that first token. Its device blocks are written
+        with a constant, so that their pages are real memory (on the CPU backend an untouched page reads as
+        the shared zero page, which would make a swap-out look faster than it is); the tokens it decodes from
+        them mean nothing. Dropped by a preemption, it is prefilled again like any request.
+
+        ConfigError: `context_tokens` not an int >= 1, `max_new_tokens` not an int >= 2. PromptError: `token`
+        outside the vocabulary, or a context that can never run (more than the KV cache holds, or no position
+        left for the next token). StateError: preempted, or `max_batch_size` requests already running.
+        OutOfBlocks: the device pool has no room for it now. A failed call changes nothing."""
+        self._check_open()
+        _check_int("context_tokens", context_tokens, 1)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an int >= 2 (a synthetic request "
+                              f"has its first token already)")
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        (token,) = _token_list([token])
+        vocab = self.model.config.vocab_size
+        if not 0 <= token < vocab:
+            raise PromptError(f"token {token} outside the vocabulary [0, {vocab})")
+        if context_tokens > self.capacity:
+            raise PromptError(f"context of {context_tokens} tokens: the KV cache holds {self.capacity} "
+                              f"({self.cache.config.num_device_blocks} blocks of {self.config.block_size})")
+        if context_tokens >= self.max_model_len:
+            raise PromptError(f"context of {context_tokens} tokens: the model has {self.max_model_len} "
+                              f"positions, none left for the next token")
+        if self.preempted is not None:
+            raise StateError(f"{self.name}: preempted; resume() it before adding requests")
+        if len(self.running) + len(self.swapping_in) >= self.max_batch_size:
+            raise StateError(f"{self.max_batch_size} requests running (max_batch_size); no seat for another")
+        r = _Request(self._next_id, [token] * context_tokens, params, params.generator(), output=[token],
+                     state="running")
+        blocks = torch.tensor(self.cache.allocate(r.id, context_tokens), device=self.cache.kv.device)
+        self._next_id += 1
+        self._requests[r.id] = r
+        bisect.insort(self.running, r, key=lambda q: q.id)
+        for i in range(self.cache.config.num_layers):
+            for part in self.cache.layer(i):
+                part.index_fill_(0, blocks, _SYNTHETIC_KV)
+        return r.id
 
     def step(self) -> list[StepOutput]:
         """Run one scheduling step; returns one StepOutput per request that produced a token or finished."""
@@ -638,6 +690,7 @@ class Engine:
             prefetch_depth=self.offload_config.prefetch_depth,
             host_weight_bytes=arena.nbytes if arena else 0,
             pinned_weight_bytes=arena.nbytes if arena and arena.pinned else 0,
+            host_memory=self.backend.host_memory(),
             ring_bytes=self.streamer.slot_bytes if self.streamer else 0,
             kv_block_size=kv.block_size, kv_device_blocks=kv.num_device_blocks, kv_host_blocks=kv.num_host_blocks,
             kv_free_device_blocks=self.cache.device_pool.num_free, swap_seconds=self._swap_seconds,

@@ -58,3 +58,8 @@ class GenerationError(TidalError, RuntimeError):
         detail = "; ".join(f"prompt {i}: {e}" for i, e in errors.items())
         super().__init__(f"{len(errors)} of {len(outputs)} prompts failed ({detail})")
         self.outputs, self.errors = outputs, errors
+
+
+class OrderingError(TidalError, RuntimeError):
+    """The stream-ordering check (TIDAL_CHECK_ORDERING=1) found a use of a region that does not wait for what
+    it must: the message names the region and both operations."""

@@ -254,6 +254,8 @@ class DecoderModel:
             transfer = self.arriving.pop(key, None)
             if transfer is not None:
                 self.backend.wait_for(transfer)
+        if self.backend is not None and self.backend.checker is not None and key in self.weights.device:
+            self.backend.compute_reads(self.weights.device[key], f"forward over weights region {key!r}")
 
     def _causal(self, q, k, v):
         """Causal attention of a prompt over itself: q `[n, Hq, D]`, k/v `[n, Hkv, D]`."""

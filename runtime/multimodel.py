@@ -50,7 +50,8 @@ class Runtime:
 
     # -- the API ---------------------------------------------------------------------------------------------
     def load(self, name: str, path, evict: Optional[str] = None, **engine_kwargs) -> list:
-        """Load the checkpoint at `path` as `name`; returns the PreemptionReports of models evicted for it."""
+        """Load the checkpoint at `path` as `name`; returns the PreemptionReports of models evicted for it.
+        `engine_kwargs` go to `Engine.from_pretrained`; an emulated `link=` paces this model's copies alone."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name={name!r} must be a non-empty string")
         if name in self.models:

@@ -50,6 +50,7 @@ class OffloadStats:
     prefetch_depth: int
     host_bytes: int  # the host arena holding streamed layers
     pinned_bytes: int  # of which page-locked (0 on the CPU backend, which has no pinning)
+    host_memory: str  # "pinned"; "pageable (...)" where page-locking failed, saying why; or the CPU backend's
     ring_bytes: int  # device slots the streamed layers pass through
     forwards: int
     last: StepStats
@@ -79,13 +80,15 @@ class _State:
 
 
 def offload(model: nn.Module, resident_fraction: float = 1.0, resident_layers=None, prefetch_depth: int = 2,
-            device=None, *, device_budget_bytes: int | None = None, record_timeline: bool = False) -> nn.Module:
+            device=None, *, device_budget_bytes: int | None = None, record_timeline: bool = False,
+            link=None) -> nn.Module:
     """Keep a plan's share of `model`'s decoder layers on the device and stream the rest from host memory.
 
     `model` is a transformers causal LM (or any module with decoder layers at `model.model.layers`).
     Residency comes from `resident_fraction` in [0, 1] (streamed layers spread evenly among resident ones),
     an explicit `resident_layers` list, or `device_budget_bytes`. Streamed layers are copied `prefetch_depth`
     layers ahead on the backend's copy queue. `device` is "cpu", "cuda[:n]" or None (CUDA when available).
+    `link` (CPU backend only): an emulated host<->device link, a `tidal.backends.LinkEmulation` or GB/s.
     Returns the same model object; `tidal.restore(model)` undoes it, `tidal.stats(model)` reports on it.
     Streamed parameters are for inference: their `requires_grad` is off until `restore`.
     Raises ConfigError, naming the argument, before touching the model.
@@ -96,14 +99,14 @@ def offload(model: nn.Module, resident_fraction: float = 1.0, resident_layers=No
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     config = OffloadConfig(resident_fraction=resident_fraction, resident_layers=resident_layers,
                            prefetch_depth=prefetch_depth, device=device, device_budget_bytes=device_budget_bytes,
-                           record_timeline=record_timeline)
+                           record_timeline=record_timeline, link=link)
     layers = find_decoder_layers(model)
     target = resolve_device(config.device)
     layer_params = [list(layer.parameters()) for layer in layers]
     plan = _make_plan(model, config, layer_params)
     _check_not_shared(model, layers, plan)
 
-    backend = make_backend(target)
+    backend = make_backend(target, link=config.link)
     streamed = plan.streamed_layers
     regions = {i: layout([(tuple(p.shape), p.dtype) for p in layer_params[i]]) for i in streamed}
 
@@ -199,6 +202,7 @@ def stats(model: nn.Module) -> OffloadStats:
         resident_layers=state.plan.resident_layers, streamed_layers=state.plan.streamed_layers,
         prefetch_depth=state.config.prefetch_depth,
         host_bytes=arena.nbytes if arena else 0, pinned_bytes=arena.nbytes if arena and arena.pinned else 0,
+        host_memory=state.backend.host_memory(),
         ring_bytes=s.slot_bytes, forwards=s.steps, last=last, total=total, timeline=timeline)
 
 

@@ -223,10 +223,10 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
         if weights == "host" and not host_copy_reused:
             with book:
                 keys = w.device_keys
-                arena = HostArena(backend, host_copy_bytes(w))
+                arena = HostArena(backend, host_copy_bytes(w), label="host copy of the weights")
                 parked = {k: arena.alloc(w.region_bytes(k)) for k in keys}
                 transfer = backend.copy([parked[k] for k in keys], [w.device[k] for k in keys],
-                                        after=[backend.record()])
+                                        after=[backend.record()], op="preempt: weights to the host")
             try:
                 transfer.wait()
             except BaseException:
@@ -297,17 +297,21 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
                 streamed_arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
                 streamed_regions = {i: streamed_arena.alloc(w.layer_bytes) for i in streamed}
             t = time.perf_counter()
+            backend.host_writes([*host.values(), *streamed_regions.values()], "resume: read the checkpoint")
             info = read_regions(ckpt, w, {**host, **streamed_regions})
             disk_seconds = time.perf_counter() - t  # with any dtype conversion: the read as resume pays it
             disk_bytes, loader = info.bytes, info.path
         with book:
             cache.restore_device()
-            regions = {k: backend.empty(w.region_bytes(k)) for k in keys}
+            regions = {k: backend.empty(w.region_bytes(k), label=f"weights region {k!r}") for k in keys}
+            # fresh memory: its earlier owners' compute may still be queued, and the copies must wait for it
+            allocated = backend.record()
             anchor_at = time.perf_counter()  # the copy queue is idle: what is enqueued now starts now
             if state.swapped:
                 kv_handle = cache.swap_in(state.swapped)
             for k in keys:
-                transfers[k] = backend.copy([regions[k]], [host[k]])
+                transfers[k] = backend.copy([regions[k]], [host[k]], after=[allocated],
+                                            op=f"resume weights region {k!r}")
     except BaseException:
         _abandon(engine, staging, streamed_arena, kv_handle)
         raise

@@ -4,7 +4,9 @@ Each streamed layer is one contiguous host region (arena.py). `acquire(i)` makes
 copy event and returns device views of its tensors; it also tops up the lookahead, so the copies of the next
 `prefetch_depth` streamed layers (wrapping into the next forward pass) are in flight while layer i computes.
 `release(i)` records a compute event for i's slot; a copy into that slot waits on that event, so a slot is
-overwritten only after the compute that read it has finished. Nothing here blocks the host on CUDA.
+overwritten only after the compute that read it has finished. A new slot starts with an event recorded
+after its allocation, so its first fill waits for whatever compute used that memory before (the caching
+allocator recycles it). Nothing here blocks the host on CUDA.
 
 A streamed layer is dropped from its slot after its compute: every forward pass copies every streamed layer
 once. Keeping it cached while slots are spare would make residency depend on ring size, not on the plan.
@@ -77,7 +79,9 @@ class LayerStreamer:
         self.prefetch_depth = prefetch_depth
         slot_bytes = max((l.nbytes for l in layers.values()), default=0)
         num_slots = min(prefetch_depth + 1, len(layers))
-        self.slots = [_Slot(backend.empty(slot_bytes)) for _ in range(num_slots)]
+        self.slots = [_Slot(backend.empty(slot_bytes, label=f"ring slot {k}")) for k in range(num_slots)]
+        for slot in self.slots:
+            slot.released = backend.record()
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (slot, layer) -> tensor views
         self._dst: dict[tuple[int, int], torch.Tensor] = {}  # (slot, layer) -> the bytes a copy fills
         self._step: _Step | None = None
@@ -124,8 +128,10 @@ class LayerStreamer:
             if self._slot_of(ahead) is None and self._load(ahead, step, avoid=(slot_index,)) is None:
                 break
         t1 = time.perf_counter()
-        stall = self.backend.wait_for(slot.copy)
+        stall = self._wait_copy(slot)
         t2 = time.perf_counter()
+        if self.backend.checker is not None:
+            self.backend.compute_reads(self._dst[(slot_index, layer)], f"layer {layer}'s compute")
         step.stalls.append(stall)
         step.stats.layers_streamed += 1
         views = self._views.get((slot_index, layer))
@@ -147,6 +153,13 @@ class LayerStreamer:
         if self._step is not None:
             self._step.stats.bookkeeping_seconds += time.perf_counter() - t0
 
+    def _wait_copy(self, slot: _Slot) -> Stall:
+        return self.backend.wait_for(slot.copy)
+
+    @staticmethod
+    def _copy_after(slot: _Slot) -> tuple[Event, ...]:
+        return (slot.released,) if slot.released is not None else ()
+
     def _slot_of(self, layer: int) -> int | None:
         for i, s in enumerate(self.slots):
             if s.layer == layer:
@@ -158,11 +171,11 @@ class LayerStreamer:
         if victim is None:
             return None
         slot, src = self.slots[victim], self.layers[layer]
-        after = (slot.released,) if slot.released is not None else ()
         dst = self._dst.get((victim, layer))
         if dst is None:
             dst = self._dst[(victim, layer)] = slot.buffer[:src.nbytes]
-        slot.copy = self.backend.copy([dst], [src.host], after=after)
+        slot.copy = self.backend.copy([dst], [src.host], after=self._copy_after(slot),
+                                      op=f"stream layer {layer} into ring slot {victim}")
         slot.layer = layer
         step.stats.copies += 1
         step.stats.bytes_streamed += src.nbytes

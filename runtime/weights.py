@@ -206,12 +206,13 @@ def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype:
     w.arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
     infos = []
     try:
-        regions = {key: backend.empty(w.region_bytes(key)) for key in w.device_keys}
+        regions = {key: backend.empty(w.region_bytes(key), label=f"weights region {key!r}") for key in w.device_keys}
         if keep_host_copy:
-            w.parked_arena = HostArena(backend, host_copy_bytes(w))
+            w.parked_arena = HostArena(backend, host_copy_bytes(w), label="host copy of the weights")
             w.parked = {key: w.parked_arena.alloc(w.region_bytes(key)) for key in regions}
             infos.append(read_regions(ckpt, w, w.parked))
-            backend.copy([regions[k] for k in regions], [w.parked[k] for k in regions]).wait()
+            backend.copy([regions[k] for k in regions], [w.parked[k] for k in regions],
+                         after=[backend.record()], op="load: weights from the host copy").wait()
         elif backend.device.type == "cpu":  # the device regions are host memory: read straight into them
             infos.append(read_regions(ckpt, w, regions))
         else:  # one region's worth of staging at a time, never a second copy of the model

@@ -8,6 +8,8 @@ from tidal.arena import ALIGN, HostArena, layout
 from tidal.backends import CpuBackend, make_backend
 from tidal.errors import ShapeError, TidalError, TransferError
 
+pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
+
 
 def test_copies_are_byte_exact_and_report_bytes(device):
     be = make_backend(device)
@@ -55,8 +57,8 @@ def test_a_failed_transfer_fails_its_dependants():
         be.copy([dst], [src])
 
 
-def test_arena_layout_is_aligned_and_views_round_trip():
-    be = CpuBackend()
+def test_arena_layout_is_aligned_and_views_round_trip(device):
+    be = make_backend(device)  # on CUDA the arena is registered (pinned) host memory
     shapes = [((3, 5), torch.float32), ((7,), torch.float16), ((2, 2, 2), torch.bfloat16), ((1,), torch.int64)]
     slots, size = layout(shapes)
     assert all(s.offset % ALIGN == 0 for s in slots)
@@ -70,6 +72,7 @@ def test_arena_layout_is_aligned_and_views_round_trip():
         assert torch.equal(slot.view(region), t)
     with pytest.raises(TidalError, match="cannot fit"):
         arena.alloc(arena.nbytes)
+    arena.release()
     be.close()
 
 
@@ -85,8 +88,8 @@ class RecordingBackend(CpuBackend):
         self.log.append(("record", ev))
         return ev
 
-    def copy(self, dst, src, after=()):
-        t = super().copy(dst, src, after)
+    def copy(self, dst, src, after=(), **kw):
+        t = super().copy(dst, src, after, **kw)
         self.log.append(("copy", dst[0].data_ptr(), tuple(after), t))
         return t
 

@@ -10,6 +10,8 @@ import tidal
 from hf_models import ARCHS, assert_first_step_logits, greedy, make_model
 from tidal.errors import CheckpointError, ConfigError, GenerationError, PromptError
 
+pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
+
 PROMPTS = [[5, 17, 99, 3, 42, 8, 71, 2, 9], [11], [64, 2, 90, 33]]  # 9 tokens (block 4: not a multiple), 1, 4
 STD = 0.5  # peaked attention, so position and masking errors change the tokens (see test_model.py)
 NEW = 10
@@ -296,3 +298,100 @@ def test_checkpoint_errors_name_the_file_and_tensor(saved, tmp_path, device):
         (bad / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match=match):
             engine(bad, device)
+
+
+# -- synthetic requests (measurement) ------------------------------------------------------------------------
+def greedy_over_cache(model, kv, token, n):
+    """transformers' greedy tokens after feeding `token` at position len(context), over a DynamicCache
+    holding `kv`: per layer (keys, values), each `[context, kv_heads, head_dim]`, as tidal's cache holds them
+    (keys after RoPE)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.transpose(0, 1)[None].clone(), v.transpose(0, 1)[None].clone(), i)
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out, ids = [], torch.tensor([[token]])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = model(input_ids=ids, use_cache=True, **{arg: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            out.append(ids.item())
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_synthetic_request_decodes_from_its_blocks(saved, arch, device):
+    model, path = saved[arch]
+    context, token = 10, 7  # 3 blocks of 4, the last one part full
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 16)) as eng:
+        layers = [eng.cache.layer(i) for i in range(6)]
+        for part in (p for kv in layers for p in kv):  # NaN first: a block left unwritten fails the check
+            part.fill_(float("nan"))
+        rid = eng.add_synthetic_request(context, max_new_tokens=NEW, token=token)
+        blocks = eng.cache.block_ids(rid)
+        assert eng.cache.where(rid) == "device" and eng.cache.num_tokens(rid) == context and len(blocks) == 3
+        assert eng.cache.device_pool.num_free == 16 - 3 and [r.id for r in eng.running] == [rid]
+        value = layers[0][0][blocks[0], 0, 0, 0].item()
+        for part in (p for kv in layers for p in kv):  # one constant in every element of K and V, every layer
+            assert torch.equal(part[blocks].cpu(), torch.full_like(part[blocks].cpu(), value))
+        # Random contents instead of the constant (which a decode hardly depends on), put where the block
+        # table says, so that the tokens below depend on every position and on where decoding starts
+        g = torch.Generator().manual_seed(1)
+        kv = [tuple(torch.randn(context, 2, 16, generator=g) for _ in range(2)) for _ in range(6)]
+        for (k_cache, v_cache), (k, v) in zip(layers, kv):
+            for cache_part, ref in ((k_cache, k), (v_cache, v)):
+                held = cache_part[blocks].cpu()
+                held.view(-1, 2, 16)[:context] = ref
+                cache_part[blocks] = held.to(cache_part.device)
+        out = []
+        first = eng.step()  # a decode, no prefill
+        assert [(o.request_id, len(o.token_ids)) for o in first] == [(rid, 1)]
+        assert eng.cache.num_tokens(rid) == context + 1 and eng.stats().prefill_passes == 0
+        out += first[0].token_ids
+        eng.preempt(weights="host", kv="swap")  # its blocks move like any request's
+        eng.resume(pipelined=False)
+        while eng.has_unfinished():
+            outs = eng.step()
+            out += [t for o in outs for t in o.token_ids]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert out == greedy_over_cache(model, kv, token, NEW - 1)  # max_new_tokens counts the first token
+        assert_clean(eng)
+
+
+def test_synthetic_request_errors_change_nothing(saved, device):
+    from tidal.errors import OutOfBlocks, StateError
+
+    _, path = saved["llama"]
+    with engine(path, device, kv_cache_bytes=blocks_bytes(path, 70), max_batch_size=2) as eng:  # 280 tokens
+        for context, match in [(0, "context_tokens"), (True, "context_tokens"), ("8", "context_tokens")]:
+            with pytest.raises(ConfigError, match=match):
+                eng.add_synthetic_request(context)
+        with pytest.raises(ConfigError, match="max_new_tokens=1 must be an int >= 2"):
+            eng.add_synthetic_request(8, max_new_tokens=1)
+        for token in (-1, 128):
+            with pytest.raises(PromptError, match="outside the vocabulary"):
+                eng.add_synthetic_request(8, token=token)
+        with pytest.raises(PromptError, match="KV cache holds 280"):
+            eng.add_synthetic_request(281)
+        with pytest.raises(PromptError, match="256 positions"):  # the test models' max_position_embeddings
+            eng.add_synthetic_request(256)
+        eng.add_synthetic_request(255)  # 64 blocks: 6 left
+        with pytest.raises(OutOfBlocks, match="need 7 device KV blocks, 6 free"):
+            eng.add_synthetic_request(25)
+        b = eng.add_synthetic_request(24)
+        assert eng.cache.device_pool.num_free == 0
+        eng.abort(b)
+        eng.add_synthetic_request(4)
+        with pytest.raises(StateError, match="max_batch_size"):
+            eng.add_synthetic_request(4)
+        assert len(eng.running) == 2 and eng.cache.device_pool.num_free == 5
+        eng.cache.check()
+        eng.preempt()
+        with pytest.raises(StateError, match="preempted"):
+            eng.add_synthetic_request(4)
+        eng.resume()
+        while eng.has_unfinished():
+            eng.step()
+        assert_clean(eng)

@@ -6,7 +6,8 @@ import tidal.kernels as K
 from tidal.errors import BackendError, ConfigError, ShapeError
 
 # (dtype, head_dim, block_size, num_heads, num_kv_heads): every tested head_dim, block size and dtype, and GQA
-# groups of 1, 3 (12 over 4, not a power of two), 4 and 8 appear at least once
+# groups of 1, 3 (12 over 4, not a power of two), 4 and 8 appear at least once; block 24 is not a power of
+# two, so a 64-token tile holds two blocks and a part of a third
 CONFIGS = [
     (torch.float32, 64, 8, 4, 4),
     (torch.float16, 80, 16, 8, 2),
@@ -14,6 +15,7 @@ CONFIGS = [
     (torch.float32, 80, 16, 12, 4),
     (torch.bfloat16, 64, 16, 12, 4),
     (torch.float16, 128, 8, 4, 1),
+    (torch.float16, 64, 24, 8, 2),
 ]
 
 
@@ -64,9 +66,13 @@ def test_paged_decode_matches_float64(dtype, head_dim, block_size, num_heads, nu
         assert rel_err(got.cpu(), want) <= TOL[dtype], (lens, num_splits)
 
 
+# head dims 8 and 12 are below tl.dot's smallest K (16 for fp16/bf16), padded by the kernel; block 128 is
+# larger than a tile, so a tile covers part of a block
 @pytest.mark.parametrize("dtype, head_dim, block_size, num_heads, num_kv_heads",
                          [(torch.float16, 96, 32, 8, 8), (torch.bfloat16, 256, 16, 4, 2),
-                          (torch.float32, 96, 32, 6, 2)])
+                          (torch.float32, 96, 32, 6, 2), (torch.float32, 8, 16, 4, 4),
+                          (torch.float16, 12, 8, 6, 2), (torch.bfloat16, 8, 32, 8, 1),
+                          (torch.float16, 8, 16, 3, 1), (torch.bfloat16, 64, 128, 8, 2)])
 def test_other_supported_shapes(dtype, head_dim, block_size, num_heads, num_kv_heads):
     q, k, v, tables, lens = make_case(dtype, head_dim, block_size, num_heads, num_kv_heads, [1, 33, 70],
                                       kernel_device())
@@ -105,7 +111,7 @@ def test_the_reference_path_can_be_forced():
 
 
 def test_forcing_triton_where_nothing_runs_it_is_an_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # on a GPU machine it was never set
     with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
         K.resolve_path(torch.empty(2), "triton")
 

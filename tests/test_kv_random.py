@@ -12,6 +12,8 @@ from tidal.errors import KVCacheError, OutOfBlocks, TransferError
 from tidal.kv import PagedKVCache
 from test_kv_support import ScriptedBackend, read_seq, write_tokens
 
+pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
+
 L, H, D, BS = 2, 2, 8, 4
 
 
@@ -141,6 +143,8 @@ class Model:
         """An operation on a sequence whose swap is in flight is refused and changes nothing."""
         if self.scripted is None:  # only gated copies are sure to still be in flight
             return
+        self.scripted.finish_opened()  # so that no copy settles during the operation below
+        self.cache.poll()
         locked = [s for h, _ in self.inflight if not h.event.done() for s in h.seq_ids]
         if not locked:
             return

@@ -24,10 +24,11 @@ class ScriptedBackend(CpuBackend):
         super().__init__("cpu")
         self.gated = gated
         self.gates: list[threading.Event] = []
+        self.transfers: list = []  # (gate, transfer) of every copy submitted
         self.next_fate = "ok"
         self._partway = False
 
-    def submit(self, fn, nbytes, after=()):
+    def submit(self, fn, nbytes, after=(), **kw):
         fate, self.next_fate = self.next_fate, "ok"
         if fate == "raise_on_submit":
             raise TransferError("simulated: the copy could not be enqueued")
@@ -45,7 +46,9 @@ class ScriptedBackend(CpuBackend):
             if fate == "fail_after" or self._partway:
                 self._partway = False
                 raise RuntimeError("simulated link fault after the data moved")
-        return super().submit(job, nbytes, after)
+        transfer = super().submit(job, nbytes, after, **kw)
+        self.transfers.append((gate, transfer))
+        return transfer
 
     def _copy_now(self, dst, src):
         if self._partway:
@@ -59,6 +62,12 @@ class ScriptedBackend(CpuBackend):
     def open_all(self) -> None:
         for g in self.gates:
             g.set()
+
+    def finish_opened(self) -> None:
+        """Let every copy whose gate is open run to its end (under the ordering check copies start late)."""
+        for gate, transfer in self.transfers:
+            if gate.is_set():
+                transfer._flag.wait()
 
     def open_oldest(self) -> None:
         for g in self.gates:

@@ -21,7 +21,7 @@ def _saved(tmp_path, arch, **kw):
 def _generate(dec, prompts, n, block_size=4):
     c = dec.config
     cache = tidal.PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_device_blocks=64,
-                               num_host_blocks=4, dtype=torch.float32, device="cpu")
+                               num_host_blocks=4, dtype=torch.float32, device=str(dec.device))
     ids = list(range(len(prompts)))
     for i, p in zip(ids, prompts):
         cache.allocate(i, len(p))
@@ -38,9 +38,9 @@ def _generate(dec, prompts, n, block_size=4):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_tokens_and_logits_match_transformers(arch, tmp_path):
+def test_greedy_tokens_and_logits_match_transformers(arch, tmp_path, device):
     ref, path = _saved(tmp_path, arch)
-    dec = DecoderModel.load(path, kernels="reference")
+    dec = DecoderModel.load(path, device=device, kernels="reference")
     got, first = _generate(dec, PROMPTS, 10)
     for prompt, tokens, logits in zip(PROMPTS, got, first):
         ids = torch.tensor([prompt])
@@ -48,10 +48,10 @@ def test_greedy_tokens_and_logits_match_transformers(arch, tmp_path):
         assert tokens == want, (prompt, tokens, want)
         with torch.no_grad():
             ref_logits = ref(ids).logits[0, -1]
-        assert (logits - ref_logits).abs().max().item() <= 1e-4
+        assert (logits.cpu() - ref_logits).abs().max().item() <= 1e-4
 
 
-def test_llama3_rope_scaling_matches_transformers(tmp_path):
+def test_llama3_rope_scaling_matches_transformers(tmp_path, device):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
     from transformers import AutoModelForCausalLM
@@ -66,18 +66,18 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
         for p in ref.parameters():
             p.normal_(0, STD)
     ref.save_pretrained(tmp_path)
-    dec = DecoderModel.load(tmp_path, kernels="reference")
+    dec = DecoderModel.load(tmp_path, device=device, kernels="reference")
     assert dec.config.rope_scaling is not None
     long_prompt = list(range(1, 40))  # past original_max_position_embeddings
     got, _ = _generate(dec, [long_prompt], 6)
     assert got[0] == greedy(ref, torch.tensor([long_prompt]), 6)[0, len(long_prompt):].tolist()
 
 
-def test_the_triton_kernels_carry_a_whole_generation(tmp_path):
-    """The same generation through the Triton kernels, which with TRITON_INTERPRET=1 (set by conftest without
-    a GPU) run on the CPU tensors."""
+def test_the_triton_kernels_carry_a_whole_generation(tmp_path, device):
+    """The same generation through the Triton kernels: compiled on CUDA, and on the CPU through Triton's
+    interpreter (TRITON_INTERPRET=1, set by conftest without a GPU)."""
     ref, path = _saved(tmp_path, "qwen2", num_layers=2)
-    dec = DecoderModel.load(path, kernels="triton")
+    dec = DecoderModel.load(path, device=device, kernels="triton")
     got, _ = _generate(dec, PROMPTS[:2], 4, block_size=8)
     for prompt, tokens in zip(PROMPTS[:2], got):
         assert tokens == greedy(ref, torch.tensor([prompt]), 4)[0, len(prompt):].tolist()

@@ -12,6 +12,8 @@ from hf_models import greedy, make_model
 from tidal.arena import align_up
 from tidal.errors import ConfigError, OutOfDeviceMemory, StateError
 
+pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
+
 PROMPTS = [[5, 17, 99, 3, 42], [11, 4]]
 NEW = 6
 KV = 1 << 16  # 64 KiB of KV per model

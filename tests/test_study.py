@@ -8,6 +8,7 @@ import pytest
 from cli_util import run_cli
 from tidal import costmodel
 from tidal.cli import main
+from tidal.backends import LinkEmulation
 from tidal.errors import ConfigError
 from tidal.study import compare, profile, report, schema
 
@@ -18,7 +19,9 @@ def _decode(system, fraction, tps, batch=1, n=16):
     return dict(system=system, resident_fraction=fraction, resident_layers=round(fraction * LAYERS), batch=batch,
                 prompt_tokens=8, output_tokens=n, decode_seconds=batch * (n - 1) / tps, tokens_per_second=tps,
                 step_seconds=batch / tps, mean_context=8 + n / 2, bytes_streamed_per_step=None,
-                stall_seconds_per_step=None)
+                stall_seconds_per_step=None, repeats=3, decode_seconds_min=0.9 * batch * (n - 1) / tps,
+                decode_seconds_max=1.2 * batch * (n - 1) / tps, tokens_per_second_min=tps / 1.2,
+                tokens_per_second_max=tps / 0.9)
 
 
 def _preemption(system, weights, pipelined, context, weight_s, kv_s, total, first_token, note=None):
@@ -99,9 +102,11 @@ def test_a_slower_tidal_is_called_slower():
 def _fake_compare(monkeypatch, interrupt_on=None):
     calls = []
 
-    def fake(spec, settings, baseline, out_dir, device=None, dtype=None, progress=True):
+    def fake(spec, settings, baseline, out_dir, device=None, dtype=None, progress=True, link=None):
         calls.append((spec, baseline))
         doc = document(spec)
+        if link is not None:
+            doc["link"] = profile.describe_link(LinkEmulation(link))
         if spec == interrupt_on:
             doc = copy.deepcopy(doc)
             doc["complete"], doc["interrupted_at"], doc["preemption"] = False, "preemption: host", []
@@ -142,3 +147,40 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, monkeypatch, argv, message
     rc, _, err = run_cli(argv + ["--out", str(tmp_path)])
     err = err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_study_through_an_emulated_link_says_so(tmp_path, monkeypatch):
+    from tidal.study import figures
+
+    calls = _fake_compare(monkeypatch)
+    titles = []
+    real = figures._save
+
+    def save(fig, path, **layout):
+        titles.append([ax.get_title() for ax in fig.axes])
+        return real(fig, path, **layout)
+
+    monkeypatch.setattr(figures, "_save", save)
+    assert main(["study", "m1", "m2", "--link", "2.5", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert [c[0] for c in calls] == ["m1", "m2"]
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    assert "went through an emulated host<->device link (`--link`): m1: 2.5 GB/s; m2: 2.5 GB/s." in text
+    assert "The baselines' moves did not" in text
+    assert titles == [["decode throughput against residency, normalised to all resident\n"
+                       "m1: emulated link 2.5 GB/s\nm2: emulated link 2.5 GB/s"]]
+    # without one, the report says nothing of it
+    _fake_compare(monkeypatch)
+    assert main(["study", "m1", "--out", str(tmp_path / "plain"), "--no-progress"]) == 0
+    assert "emulated host<->device link" not in (tmp_path / "plain" / report.REPORT_FILE).read_text()
+
+
+def test_the_figures_show_each_cells_spread():
+    from tidal.study import figures
+
+    rows = [_decode("tidal", 1.0, 100.0), _decode("tidal", 0.5, 40.0)]
+    below, above = figures.spread_bars(rows, scale=100.0)
+    # tokens/s 100 between 100/1.2 and 100/0.9, over the scale 100
+    assert below == pytest.approx([1 - 1 / 1.2, 0.4 - 0.4 / 1.2])
+    assert above == pytest.approx([1 / 0.9 - 1, 0.4 / 0.9 - 0.4])
+    old = dict(rows[0], tokens_per_second_min=None, tokens_per_second_max=None)  # a version 1 row
+    assert figures.spread_bars([old]) == [[0.0], [0.0]]

@@ -7,8 +7,9 @@ from ..errors import ConfigError
 from .base import Backend, Event, Stall, Transfer
 from .cpu import CpuBackend
 from .link import LinkEmulation
+from .ordering import OrderingChecker, Span
 
-__all__ = ["Backend", "Event", "Stall", "Transfer", "CpuBackend", "LinkEmulation", "make_backend", "resolve_device"]
+__all__ = ["Backend", "Event", "Stall", "Transfer", "CpuBackend", "LinkEmulation", "OrderingChecker", "Span", "make_backend", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -28,9 +29,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def make_backend(device: str | torch.device | None = None, link: LinkEmulation | None = None) -> Backend:
+def make_backend(device: str | torch.device | None = None, link: LinkEmulation | None = None, *,
+                 check_ordering: bool | None = None) -> Backend:
     """The backend for `device` (see `resolve_device`). `link` emulates a host<->device link on the CPU
-    backend; a real device has its own, so asking for one there is a ConfigError."""
+    backend; a real device has its own, so asking for one there is a ConfigError. `check_ordering` turns the
+    stream-ordering check on (backends/ordering.py); None follows TIDAL_CHECK_ORDERING."""
     device = resolve_device(device)
     if link is not None and not isinstance(link, LinkEmulation):
         raise ConfigError(f"link={link!r} must be a tidal.backends.LinkEmulation")
@@ -39,5 +42,5 @@ def make_backend(device: str | torch.device | None = None, link: LinkEmulation |
             raise ConfigError(f"link emulation ({link}) is for the CPU backend; {device} has a real link")
         from .cuda import CudaBackend
 
-        return CudaBackend(device)
-    return CpuBackend(device, link=link)
+        return CudaBackend(device, check_ordering=check_ordering)
+    return CpuBackend(device, link=link, check_ordering=check_ordering)

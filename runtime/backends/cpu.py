@@ -48,12 +48,12 @@ class CpuEvent(Event):
         self.error = error
         self._flag.set()
 
-    def wait(self) -> None:
+    def _wait(self) -> None:
         self._flag.wait()
         if self.error is not None:
             raise TransferError(f"copy failed: {self.error!r}") from self.error
 
-    def done(self) -> bool:
+    def _done(self) -> bool:
         return self._flag.is_set()
 
 
@@ -131,9 +131,11 @@ def _stop_worker(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, device: torch.device | str = "cpu", link: LinkEmulation | None = None):
+    def __init__(self, device: torch.device | str = "cpu", link: LinkEmulation | None = None,
+                 check_ordering: bool | None = None, seed: int | None = None):
         self.device = torch.device(device)
         self.link = link
+        self._init_checker(check_ordering, seed)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=_copy_worker, args=(self._jobs, link), name="tidal-copy",
                                         daemon=True)
@@ -145,24 +147,30 @@ class CpuBackend(Backend):
         # interpreter tears down would be killed mid-call.
         self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._thread)
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
         return empty_host(nbytes)
 
-    def empty(self, nbytes: int) -> torch.Tensor:
+    def _empty(self, nbytes: int) -> torch.Tensor:
         return empty_host(nbytes)
 
-    def release_host_buffer(self, buf: torch.Tensor) -> None:
+    def _release_host_buffer(self, buf: torch.Tensor) -> None:
         pass
 
-    def record(self) -> Event:
+    def host_memory(self) -> str:
+        return "plain (CPU backend: no page-locking)"
+
+    def _record(self) -> Event:
         return CpuEvent(done=True)  # compute runs synchronously in the caller's thread
 
-    def wait_for(self, event: Event) -> Stall:
+    def _wait_for(self, event: Event) -> Stall:
         t0 = time.perf_counter()
-        event.wait()
+        event._wait()  # compute (this thread) waits; the host seeing it is not what the ordering check models
         return CpuStall(time.perf_counter() - t0)
 
-    def submit(self, fn: Callable[[], None], nbytes: int, after: Sequence[Event] = ()) -> Transfer:
+    def _pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def _submit(self, fn: Callable[[], None], nbytes: int, after: Sequence[Event] = ()) -> Transfer:
         if not self._thread.is_alive():
             raise TransferError("the CPU backend's copy thread is closed")
         transfer = CpuTransfer(nbytes)
@@ -176,7 +184,7 @@ class CpuBackend(Backend):
         for d, s in zip(dst, src):
             d.copy_(s)
 
-    def synchronize(self) -> None:
+    def _synchronize(self) -> None:
         last = self._last
         if last is not None:
             last._flag.wait()

@@ -1,7 +1,8 @@
-"""CUDA backend: one dedicated copy stream, CUDA events, and host memory pinned with cudaHostRegister.
+"""CUDA backend: one dedicated copy stream, CUDA events, and host memory page-locked whole pages at a time.
 
-Pinning a plain allocation with cudaHostRegister pins exactly the bytes asked for; `pin_memory()` goes through
-torch's caching host allocator, which rounds every allocation up to a power of two.
+Host buffers come from pinning.py (their own pages, registered through the driver, unregistered when the
+memory dies); `pin_memory()` would go through torch's caching host allocator, which rounds every allocation
+up to a power of two.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 
 from ..errors import BackendError, TransferError
 from .base import Backend, Event, Stall, Transfer
+from .pinning import DriverRegistrar, PinnedHostAllocator
+
+CLOCK_HZ_FOR_PAUSE = 1.5e9  # torch.cuda._sleep counts cycles; about right for the GPUs tidal targets
 
 log = logging.getLogger("tidal")
 
@@ -22,10 +26,10 @@ class CudaEvent(Event):
     def __init__(self, event: torch.cuda.Event):
         self.event = event
 
-    def wait(self) -> None:
+    def _wait(self) -> None:
         self.event.synchronize()
 
-    def done(self) -> bool:
+    def _done(self) -> bool:
         return self.event.query()
 
 
@@ -37,14 +41,15 @@ class CudaTransfer(CudaEvent, Transfer):
         self.start, self.nbytes = start, nbytes
 
     def seconds(self) -> float:
-        self.event.synchronize()
+        self.wait()
         return self.start.elapsed_time(self.event) / 1e3
 
     def interval(self) -> None:
         return None
 
     def elapsed_from(self, earlier: "CudaTransfer") -> float:
-        self.event.synchronize()
+        self.wait()
+        earlier.wait()
         return earlier.start.elapsed_time(self.event) / 1e3
 
 
@@ -57,7 +62,8 @@ class CudaStall(Stall):
         self.need, self.ready_at = need, ready_at
 
     def ready(self) -> bool:
-        return self.need.query()
+        # both ends: seconds() synchronizes on each, and the streamer folds a step only when that cannot block
+        return self.need.query() and (self.ready_at is None or self.ready_at.query())
 
     def seconds(self) -> float:
         if self.ready_at is None:
@@ -70,45 +76,53 @@ class CudaStall(Stall):
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self, device: torch.device | str = "cuda"):
+    def __init__(self, device: torch.device | str = "cuda", check_ordering: bool | None = None,
+                 seed: int | None = None):
         if not torch.cuda.is_available():
             raise BackendError("CUDA backend requested but torch.cuda.is_available() is False")
         device = torch.device(device)
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         self.copy_stream = torch.cuda.Stream(self.device)
-        self._registered: dict[int, int] = {}
+        self._init_checker(check_ordering, seed)
+        try:
+            registrar = DriverRegistrar()
+        except OSError as exc:
+            log.warning("tidal: the CUDA driver library cannot be loaded here (%s); host buffers will be pageable",
+                        exc)
+            registrar = None
+        stream = self.copy_stream  # the finalizers must not keep the backend alive
+        self.pinned = PinnedHostAllocator(registrar, drain=stream.synchronize)
 
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-        if int(err) != 0:
-            # Still correct, only slower: copies from pageable memory are staged by the driver. Say so.
-            log.warning("tidal: cudaHostRegister(%d bytes) failed (%s); host buffer is pageable", nbytes, err)
-        else:
-            self._registered[buf.data_ptr()] = buf.numel()
-        return buf[:nbytes]
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        with torch.cuda.device(self.device):  # the driver call needs a context current in this thread
+            return self.pinned.allocate(nbytes)
 
-    def release_host_buffer(self, buf: torch.Tensor) -> None:
-        if self._registered.pop(buf.data_ptr(), None) is not None:
-            self.synchronize()  # no copy may still read it
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    def _release_host_buffer(self, buf: torch.Tensor) -> None:
+        self.pinned.release(buf)
 
     def is_pinned(self, buf: torch.Tensor) -> bool:
-        return buf.data_ptr() in self._registered
+        return self.pinned.is_pinned(buf)
 
-    def record(self) -> Event:
+    def host_memory(self) -> str:
+        """"pinned", or "pageable (...)" naming the bytes that could not be page-locked and why."""
+        return self.pinned.report()
+
+    def _record(self) -> Event:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         return CudaEvent(ev)
 
-    def wait_for(self, event: Event) -> Stall:
+    def _pause(self, seconds: float) -> None:
+        torch.cuda._sleep(max(1, int(seconds * CLOCK_HZ_FOR_PAUSE)))  # runs on the copy stream (see _submit)
+
+    def _wait_for(self, event: Event) -> Stall:
         stream = torch.cuda.current_stream(self.device)
         need = torch.cuda.Event(enable_timing=True)
         need.record(stream)
         stream.wait_event(event.event)
         return CudaStall(need, event.event if isinstance(event, CudaTransfer) else None)
 
-    def submit(self, fn: Callable[[], None], nbytes: int, after: Sequence[Event] = ()) -> Transfer:
+    def _submit(self, fn: Callable[[], None], nbytes: int, after: Sequence[Event] = ()) -> Transfer:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.copy_stream):
             for ev in after:
@@ -125,6 +139,6 @@ class CudaBackend(Backend):
         for d, s in zip(dst, src):
             d.copy_(s, non_blocking=True)
 
-    def synchronize(self) -> None:
+    def _synchronize(self) -> None:
         self.copy_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()

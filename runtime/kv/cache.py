@@ -18,9 +18,10 @@ import torch
 
 from ..arena import HostArena
 from ..backends import Backend, Stall, make_backend
-from ..errors import ConfigError, KVCacheError, TransferError
+from ..backends.ordering import unit_spans
+from ..errors import ConfigError, KVCacheError, OrderingError, TransferError
 from .allocator import BlockAllocator
-from .config import KVCacheConfig
+from .config import UNSTAGED_OFF_CPU, KVCacheConfig
 from .swap import DirectMover, StagedMover, SwapHandle, SwapPlan
 from .tables import BatchMetadata, build, slots
 
@@ -48,9 +49,13 @@ class PagedKVCache:
         if cfg.device is not None and torch.device(cfg.device).type != self.backend.device.type:
             raise ConfigError(f"device={cfg.device!r} differs from the backend's {self.backend.device}")
         self.device = self.backend.device
+        if cfg.staged is False and self.device.type != "cpu":
+            raise ConfigError(UNSTAGED_OFF_CPU.format(device=self.device))
+        # the ordering check sees KV memory block by block, in two logical pools of this cache
+        self._spaces = {DEVICE: ("KV device block", id(self)), HOST: ("KV host block", id(self))}
         self.device_pool = BlockAllocator(cfg.num_device_blocks, block_size, DEVICE)
         self.host_pool = BlockAllocator(cfg.num_host_blocks, block_size, HOST)
-        self.arena = HostArena(self.backend, max(1, cfg.num_host_blocks * cfg.block_bytes))
+        self.arena = HostArena(self.backend, max(1, cfg.num_host_blocks * cfg.block_bytes), label="KV host pool")
         host = self.arena.alloc(cfg.num_host_blocks * cfg.block_bytes)
         self.host_kv = host.view(dtype).view(cfg.num_host_blocks, num_layers, 2, *cfg.block_shape)
         self.kv = self.mover = None
@@ -85,8 +90,10 @@ class PagedKVCache:
             return
         cfg = self.config
         n_dev = cfg.num_device_blocks * cfg.block_bytes
-        self.kv = self.backend.empty(n_dev).view(cfg.dtype).view(cfg.num_layers, 2, cfg.num_device_blocks,
-                                                                 *cfg.block_shape)
+        self.kv = self.backend.empty(n_dev, label="KV device pool").view(cfg.dtype).view(
+            cfg.num_layers, 2, cfg.num_device_blocks, *cfg.block_shape)
+        if self.backend.checker is not None:
+            self.backend.fresh(self._blocks(DEVICE, range(cfg.num_device_blocks)), "allocate the KV device pool")
         staged = cfg.staged if cfg.staged is not None else self.device.type != "cpu"
         self.mover = (StagedMover(self.backend, self.kv, self.host_kv, cfg.staging_blocks) if staged
                       else DirectMover(self.backend, self.kv, self.host_kv))
@@ -126,6 +133,9 @@ class PagedKVCache:
             lens.append(self.device_pool.num_tokens(s))
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= lens[-1]:
                 raise ConfigError(f"num_new={n!r} for sequence {s!r} of {lens[-1]} tokens")
+        if self.backend.checker is not None:  # the step's kernels write the new tokens and read every block
+            self.backend.compute_writes(self._blocks(DEVICE, {b for t in tables for b in t}),
+                                        f"attention over sequences {seq_ids[:4]}")
         return build(tables, lens, num_new, self.config.block_size, self.device)
 
     def slot_mapping(self, seq_id, start: int, stop: int) -> torch.Tensor:
@@ -134,7 +144,10 @@ class PagedKVCache:
         n = self.device_pool.num_tokens(seq_id)
         if not 0 <= start <= stop <= n:
             raise ConfigError(f"positions [{start}, {stop}) outside sequence {seq_id!r} of {n} tokens")
-        ids = slots(self.device_pool.block_table(seq_id), self.config.block_size, start, stop)
+        table = self.device_pool.block_table(seq_id)
+        if self.backend.checker is not None:
+            self.backend.compute_writes(self._blocks(DEVICE, table), f"writing sequence {seq_id!r}'s KV")
+        ids = slots(table, self.config.block_size, start, stop)
         return torch.from_numpy(ids).to(self.device)
 
     # -- sequence operations ---------------------------------------------------------------------------------
@@ -154,6 +167,9 @@ class PagedKVCache:
         cow = self.device_pool.append(seq_id, num_tokens)
         if cow is not None:
             src, dst = cow
+            if self.backend.checker is not None:
+                self.backend.compute_reads(self._blocks(DEVICE, [src]), "copy-on-write source")
+                self.backend.compute_writes(self._blocks(DEVICE, [dst]), "copy-on-write destination")
             self.kv[:, :, dst].copy_(self.kv[:, :, src])
 
     def truncate(self, seq_id, num_tokens: int) -> None:
@@ -225,12 +241,16 @@ class PagedKVCache:
         nbytes = len(position) * self.config.block_bytes
         try:
             fn, calls = getattr(self.mover, f"swap_{direction}")(plan)
-            event = self.backend.submit(fn, nbytes, after=[self.backend.record()])
+            dev, host = self._blocks(DEVICE, plan.device_blocks), self._blocks(HOST, plan.host_blocks)
+            event = self.backend.submit(fn, nbytes, after=self._after_compute(),
+                                        reads=dev if direction == "out" else host,
+                                        writes=host if direction == "out" else dev,
+                                        op=f"swap_{direction} of sequences {list(seq_ids)[:4]}")
         except Exception as exc:
             # Part of the work may be enqueued already (CUDA): let it drain before the blocks are reused.
             self.backend.synchronize()
             self._rollback(seq_ids, detached, src, dst)
-            if isinstance(exc, TransferError):
+            if isinstance(exc, (TransferError, OrderingError)):
                 raise
             raise TransferError(f"swap_{direction} of {list(seq_ids)} failed: {exc!r}") from exc
         handle = SwapHandle(direction, seq_ids, event, nbytes, len(position), calls, self._settle)
@@ -257,6 +277,16 @@ class PagedKVCache:
         for s in seq_ids:
             dst.free(s)
             src.reattach(s, detached[s])
+
+    def _after_compute(self) -> list:
+        """What a swap waits for: all compute issued so far (it wrote the blocks swap-out reads, and read the
+        blocks swap-in overwrites)."""
+        return [self.backend.record()]
+
+    def _blocks(self, where: str, blocks) -> list:
+        if self.backend.checker is None:
+            return []
+        return unit_spans(self._spaces[where], blocks, self._spaces[where][0])
 
     # -- checks ----------------------------------------------------------------------------------------------
     def _pool(self, seq_id) -> BlockAllocator:
@@ -296,4 +326,7 @@ class PagedKVCache:
     def close(self) -> None:
         """Finish outstanding swaps and release the host pool's pinned memory."""
         self.synchronize()
+        if self.backend.checker is not None:
+            self.backend.host_writes(self._blocks(HOST, range(self.config.num_host_blocks)),
+                                     "release the KV host pool")
         self.arena.release()

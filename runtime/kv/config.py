@@ -10,6 +10,8 @@ from ..errors import ConfigError
 
 INT32_MAX = 2**31 - 1
 DEFAULT_STAGING_BYTES = 512 << 20  # device staging for one swap chunk (CUDA); see docs/KVCACHE.md
+UNSTAGED_OFF_CPU = ("staged=False on {device}: the direct path gathers device blocks straight into host memory, "
+                    "which only the CPU backend can do; leave staged=None (or True) there")
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -26,6 +28,7 @@ class KVCacheConfig:
     `staging_blocks` sizes the device staging buffer a CUDA swap gathers into (default: what fits in
     512 MiB, at most the device pool); a swap larger than that runs in staging-sized chunks. `staged`
     forces (True) or forbids (False) the staging path; None picks it when device memory is not host memory.
+Forbidding it is for the CPU backend only (ConfigError elsewhere).
     """
 
     num_layers: int
@@ -66,6 +69,8 @@ class KVCacheConfig:
             raise ConfigError(f"staged={self.staged!r} must be True, False or None")
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
+        if self.staged is False and self.device is not None and not str(self.device).startswith("cpu"):
+            raise ConfigError(UNSTAGED_OFF_CPU.format(device=self.device))
 
     @property
     def block_shape(self) -> tuple[int, int, int]:

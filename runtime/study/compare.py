@@ -27,7 +27,8 @@ rows hold medians, like tidal's.
 On the CPU backend the "device" is host memory, so `.to("cpu")` and `.to(device)` return the tensors
 themselves and move nothing; there each move is emulated by a copy into fresh tensors (`clone`: the
 allocation and memcpy that a device move costs). `notes()` says so, with everything else that differs on
-the device; the CLI prints the notes and the figure shows them.
+the device; the CLI prints the notes and the figure shows them. An emulated link (`--link`) paces tidal's
+copies only: the baselines make their own moves, outside it, and their notes say that too.
 """
 from __future__ import annotations
 
@@ -58,12 +59,24 @@ def check_baseline(baseline) -> str:
     return baseline
 
 
-def notes(baseline: str, device) -> list[str]:
-    """What the baseline's rows measure differently from tidal's on `device`, one sentence each."""
-    return decode_notes(baseline, device) + preemption_notes(device)
+def notes(baseline: str, device, link: dict | None = None) -> list[str]:
+    """What the baseline's rows measure differently from tidal's on `device` (with tidal's copies through the
+    emulated `link`, a document's `link` section, if any), one sentence each."""
+    return decode_notes(baseline, device, link) + preemption_notes(device, link)
 
 
-def decode_notes(baseline: str, device) -> list[str]:
+def link_note(link: dict | None) -> list[str]:
+    """The note of every baseline row measured beside tidal's emulated `link` (none without one)."""
+    if link is None:
+        return []
+    from .profile import link_text
+
+    return [f"emulated link ({link_text(link)}): it paces tidal's copies only; the "
+            f"baselines' moves do not go through it, so their rows are not slowed by it and compare with "
+            f"tidal's only on what does not cross the link"]
+
+
+def decode_notes(baseline: str, device, link: dict | None = None) -> list[str]:
     """`notes` of the baseline's decode rows (each row carries them, joined, in its `note`)."""
     import torch
 
@@ -77,10 +90,10 @@ def decode_notes(baseline: str, device) -> list[str]:
                    "host overhead compares here; compare transfer cost on a GPU")
     out.append(f"{baseline} decode rows: bytes_streamed_per_step and stall_seconds_per_step are null "
                f"({baseline} does not report them)")
-    return out
+    return out + link_note(link)
 
 
-def preemption_notes(device) -> list[str]:
+def preemption_notes(device, link: dict | None = None) -> list[str]:
     """`notes` of the transformers protocol's preemption rows (each row carries them in its `note`)."""
     import torch
 
@@ -92,7 +105,7 @@ def preemption_notes(device) -> list[str]:
                    "by a copy into fresh tensors (clone), the memcpy a device move costs")
     out.append("transformers disk resume: disk_seconds is from_pretrained's; reads it defers (a "
                "memory-mapped checkpoint) land in the move to the device and the first token")
-    return out
+    return out + link_note(link)
 
 
 def _require_hf() -> None:
@@ -172,16 +185,18 @@ def load_baseline(path, baseline: str, fraction: float, device, dtype, prefetch_
 
 
 def decode_row(gen, system: str, fraction: float, resident_layers: int, batch: int, prompt_tokens: int,
-               n: int, repeats: int, vocab: int) -> dict:
+               n: int, rounds: dict, vocab: int) -> dict:
     """One baseline decode row (schema: decode_row), timed as tidal's `profile.decode_row` times its own:
-    `repeats` rounds of `runs.decode_rounds` on the same prompts."""
+    `runs.decode_rounds` with the same round arguments (`rounds`) on the same prompts."""
+    from .profile import spread_fields
+
     prompts = runs.same_length_prompts(batch, prompt_tokens, vocab)
-    res = runs.decode_rounds({system: gen}, prompts, n, repeats, warmup_tokens=n)[system]  # as tidal's rows
+    res = runs.decode_rounds({system: gen}, prompts, n, warmup_tokens=n, **rounds)[system]  # as tidal's rows
     return dict(system=system, resident_fraction=fraction, resident_layers=resident_layers, batch=batch,
                 prompt_tokens=prompt_tokens, output_tokens=n,
                 decode_seconds=statistics.median(res["decode_s"]), tokens_per_second=res["tok_s"],
-                step_seconds=res["step_s"], mean_context=prompt_tokens + n / 2, bytes_streamed_per_step=None,
-                stall_seconds_per_step=None)
+                step_seconds=res["step_s"], mean_context=prompt_tokens + n / 2, **spread_fields(res, batch, n),
+                bytes_streamed_per_step=None, stall_seconds_per_step=None)
 
 
 def _decode_fractions(settings, baseline: str) -> tuple[float, ...]:
@@ -198,7 +213,7 @@ def _decode_rows(path, settings, baseline: str, device, dtype, at: Callable[[str
                 for n in settings.output_lengths:
                     at(f"{baseline} decode: resident {fraction:g}, batch {batch}, {n} tokens")
                     yield decode_row(gen, baseline, fraction, resident, batch, settings.prompt_tokens, n,
-                                     settings.repeats, model.config.vocab_size)
+                                     settings.rounds(), model.config.vocab_size)
         finally:
             model = gen = None  # the generator holds the model too; both go before the next one loads
             _free(device)
@@ -427,8 +442,9 @@ def baseline_preemption(path, settings, device=None, dtype=None, progress: bool 
 
 # -- the run -------------------------------------------------------------------------------------------------
 def run_compare(spec, settings=None, baseline: str = "accelerate", out_dir=".", device=None, dtype=None,
-                progress: bool = True) -> dict:
-    """Profile model `spec` with tidal (`profile.run_profile`: same arguments and defaults) and measure
+                progress: bool = True, link=None) -> dict:
+    """Profile model `spec` with tidal (`profile.run_profile`: same arguments and defaults, `link` included:
+    it paces tidal's copies, never the baseline's, and the notes say so) and measure
     `baseline` ("accelerate" or "transformers") over the same grid in the same run; write
     `out_dir`/compare.json (the profile schema, rows of both systems) and `out_dir`/compare.png, and return
     the document. On Ctrl-C it stops, writes what was measured (complete false, interrupted_at set), says
@@ -443,11 +459,11 @@ def run_compare(spec, settings=None, baseline: str = "accelerate", out_dir=".", 
     settings = settings or ProfileSettings.full()
     out = writable_dir(out_dir)
     device, dtype = _resolve(device, dtype)
-    doc = run_profile(spec, settings, out, device=device, dtype=dtype, progress=progress)
+    doc = run_profile(spec, settings, out, device=device, dtype=dtype, progress=progress, link=link)
     path, figure = out / COMPARE_FILE, out / FIGURE_FILE
     if doc["interrupted_at"] is not None:  # tidal's sweep stopped (and said so): no baseline rows
         schema.save(doc, path)
-        compare_figure(doc, figure, notes(baseline, device))
+        compare_figure(doc, figure, notes(baseline, device, doc["link"]))
         print(f"tidal: the partial comparison (tidal's rows only) is in {path}", file=sys.stderr)
         return doc
     doc["complete"] = False
@@ -460,7 +476,8 @@ def run_compare(spec, settings=None, baseline: str = "accelerate", out_dir=".", 
             sections = (("decode", _decode_rows(checkpoint, settings, baseline, device, dtype, cells.at)),
                         ("preemption", _preemption_rows(checkpoint, settings, device, dtype, cells.at)))
             for section, rows in sections:
-                note = "; ".join(decode_notes(baseline, device) if section == "decode" else preemption_notes(device))
+                note = "; ".join(decode_notes(baseline, device, doc["link"]) if section == "decode"
+                                 else preemption_notes(device, doc["link"]))
                 for row in rows:
                     doc[section].append({**row, "note": note})
                     cells.done()
@@ -477,7 +494,7 @@ def run_compare(spec, settings=None, baseline: str = "accelerate", out_dir=".", 
         raise
     finally:
         cells.close()
-    compare_figure(doc, figure, notes(baseline, device))
+    compare_figure(doc, figure, notes(baseline, device, doc["link"]))
     return doc
 
 
@@ -547,16 +564,17 @@ def add_parser(subparsers) -> None:
 
 def command(args) -> int:
     """Run `tidal compare`; 0 when complete, 130 when interrupted."""
-    from .profile import run_options, summary
+    from .profile import link_option, run_options, summary
 
     settings, dtype = run_options(args)
     doc = run_compare(args.model, settings, args.baseline, args.out, device=args.device, dtype=dtype,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, link=link_option(args))
     out = Path(args.out)
     print(summary(doc))
     print()
     print(side_by_side(doc))
-    print("\nnotes:\n" + "\n".join(f"- {n}" for n in notes(args.baseline, doc["machine"]["device"])))
+    said = notes(args.baseline, doc["machine"]["device"], doc["link"])
+    print("\nnotes:\n" + "\n".join(f"- {n}" for n in said))
     print(f"comparison: {out / COMPARE_FILE}\nfigure: {out / FIGURE_FILE}")
     if not doc["complete"]:
         print(f"incomplete: interrupted at {doc['interrupted_at']}")

@@ -1,7 +1,9 @@
 """Figures of profile documents (profile.schema.json), drawn with matplotlib's Agg backend (no display).
 
 `profile_figure`: decode tokens/s against the resident fraction, normalised per batch to the all-resident
-point; and the preemption round trip's weight, KV and recompute seconds, stacked, per tier and context.
+point, with bars from the slowest to the fastest repeat; and the preemption round trip's weight, KV and
+recompute seconds, stacked, per tier and context. A document measured through an emulated link says so in
+every title.
 """
 from __future__ import annotations
 
@@ -38,12 +40,21 @@ def _save(fig, path, **layout) -> Path:
     return path
 
 
+def link_title(link: dict | None) -> str:
+    """The title line of an emulated link (a document's `link` section); empty without one."""
+    from .profile import link_text
+
+    return "" if link is None else f"\nemulated link: {link_text(link)}"
+
+
 def _title(doc: dict, what: str = "") -> str:
     model = doc["model"]
     title = f"{model['spec']} ({model['dtype']}) on {doc['machine']['device_name']}{what}"
     if doc["interrupted_at"]:
-        return title + f"\nINCOMPLETE, interrupted at {doc['interrupted_at']}"
-    return title if doc["complete"] else title + ": INCOMPLETE"
+        title += f"\nINCOMPLETE, interrupted at {doc['interrupted_at']}"
+    elif not doc["complete"]:
+        title += ": INCOMPLETE"
+    return title + link_title(doc.get("link"))
 
 
 def _residency_axes(ax, ylabel: str, legend_size: str) -> None:
@@ -68,18 +79,33 @@ def _decode_panel(ax, doc: dict) -> None:
     if not rows:
         return _empty(ax, "decode")
     # one line per (batch, output length); each normalised to its own all-resident point, if measured
-    series: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    series: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
-        series.setdefault((r["batch"], r["output_tokens"]), []).append((r["resident_fraction"],
-                                                                         r["tokens_per_second"]))
+        series.setdefault((r["batch"], r["output_tokens"]), []).append(r)
     normalised = True
     for (batch, n), points in sorted(series.items()):
-        points.sort()
-        top = dict(points).get(1.0)
+        points.sort(key=lambda r: r["resident_fraction"])
+        top = next((r["tokens_per_second"] for r in points if r["resident_fraction"] == 1.0), None)
         normalised &= top is not None
-        ys = [tps / top if top else tps for _, tps in points]
-        ax.plot([100 * f for f, _ in points], ys, marker="o", label=f"batch {batch}, {n} tokens")
-    _residency_axes(ax, "tokens/s relative to all resident" if normalised else "tokens/s", "small")
+        _spread_line(ax, points, top or 1.0, dict(marker="o", label=f"batch {batch}, {n} tokens"))
+    _residency_axes(ax, ("tokens/s relative to all resident" if normalised else "tokens/s") +
+                    "\n(bars: slowest to fastest repeat)", "small")
+
+
+def spread_bars(rows: list[dict], scale: float = 1.0) -> list[list[float]]:
+    """matplotlib's yerr ([below, above]) of decode rows' tokens/s over `scale`: from the slowest to the
+    fastest repeat; 0 where a row did not record one (a version 1 document)."""
+    below, above = [], []
+    for r in rows:
+        tps, lo, hi = r["tokens_per_second"], r.get("tokens_per_second_min"), r.get("tokens_per_second_max")
+        below.append(0.0 if lo is None else (tps - lo) / scale)
+        above.append(0.0 if hi is None else (hi - tps) / scale)
+    return [below, above]
+
+
+def _spread_line(ax, rows: list[dict], scale: float, style: dict) -> None:
+    ax.errorbar([100 * r["resident_fraction"] for r in rows], [r["tokens_per_second"] / scale for r in rows],
+                yerr=spread_bars(rows, scale), capsize=3, **style)
 
 
 def _preemption_panel(ax, doc: dict) -> None:
@@ -131,18 +157,17 @@ def _compare_decode_panel(ax, doc: dict) -> None:
     ax.set_title("decode throughput against residency")
     if not doc["decode"]:
         return _empty(ax, "decode")
-    series: dict[tuple[int, int], dict[str, list[tuple[float, float]]]] = {}
+    series: dict[tuple[int, int], dict[str, list[dict]]] = {}
     for r in doc["decode"]:
-        series.setdefault((r["batch"], r["output_tokens"]), {}).setdefault(r["system"], []).append(
-            (r["resident_fraction"], r["tokens_per_second"]))
+        series.setdefault((r["batch"], r["output_tokens"]), {}).setdefault(r["system"], []).append(r)
     for i, ((batch, n), systems) in enumerate(sorted(series.items())):
         for system, points in sorted(systems.items(), key=lambda kv: kv[0] != "tidal"):
-            points.sort()
+            points.sort(key=lambda r: r["resident_fraction"])
             tidal = system == "tidal"
-            ax.plot([100 * f for f, _ in points], [tps for _, tps in points], color=f"C{i % 10}",
-                    linestyle="-" if tidal else "--", marker="o" if tidal else "s",
-                    label=f"{system}, batch {batch}, {n} tokens")
-    _residency_axes(ax, "decode tokens/s", "x-small")
+            _spread_line(ax, points, 1.0, dict(color=f"C{i % 10}", linestyle="-" if tidal else "--",
+                                               marker="o" if tidal else "s",
+                                               label=f"{system}, batch {batch}, {n} tokens"))
+    _residency_axes(ax, "decode tokens/s\n(bars: slowest to fastest repeat)", "x-small")
 
 
 def _compare_preemption_panel(ax, doc: dict) -> None:
@@ -175,12 +200,16 @@ def degradation_figure(docs: list[dict], path, baseline: str | None = None) -> P
     """Write the study's offloading figure to `path`: for each model (one colour), decode tokens/s over its
     all-resident tokens/s against the resident fraction, batch 1 and the longest output measured (the
     published study's one-request protocol); tidal solid, `baseline` dashed on the same normalisation."""
+    from .profile import link_text
     from .report import normalised_curves
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     try:
-        ax.set_title("decode throughput against residency, normalised to all resident")
+        links = [f"\n{d['model']['spec']}: emulated link {link_text(d['link'])}" for d in docs
+                 if d.get("link") is not None]
+        ax.set_title("decode throughput against residency, normalised to all resident" + "".join(links),
+                     **({"fontsize": "small"} if links else {}))
         drawn = False
         for i, doc in enumerate(docs):
             for system, style in (("tidal", "-"), (baseline, "--")):

@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..backends.link import LinkEmulation, LinkTarget, coerce as coerce_link, layer_seconds_of_step
+from ..backends.link import TARGETS, parse as parse_link, target as link_target
 from ..errors import ConfigError
 from . import runs, schema
 
@@ -46,6 +48,8 @@ LINK_REPS = 5
 DISK_REPS = 3
 HOLDOUT_FRACTION = 0.25
 HOLDOUT_SEED = 0
+# an emulated link's bandwidth copies: about this long each, so that a slow link does not stall the run
+EMULATED_COPY_SECONDS = 0.05
 
 
 def _ints(name, values, minimum) -> tuple[int, ...]:
@@ -77,13 +81,21 @@ def _fraction(name, value) -> None:
         raise ConfigError(f"{name}: {value!r} is outside [0, 1]")
 
 
+def _nonnegative(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value != value:
+        raise ConfigError(f"{name}={value!r} must be a number >= 0")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfileSettings:
     """The grid `run_profile` measures. `fractions`: resident fractions of the decode sweep, each in [0, 1];
     `batches` and `output_lengths` (>= 2 new tokens) of the timed decodes, with prompts of `prompt_tokens`;
     `contexts`: tokens per sequence at preemption, with `preemption_batch` sequences, on an engine at
     `preemption_fraction`; `repeats`: timed repetitions per cell (rows hold medians); `prefetch_depth` of the
-    engines; `quick_grid` marks the --quick grid. `full()` and `quick()` are the two presets."""
+    engines; `quick_grid` marks the --quick grid. A decode cell repeats past `repeats`, up to `max_repeats`,
+    while its relative spread ((max - min) / median) is above `max_spread`, for at most `extra_seconds` more
+    (`runs.decode_rounds`). `full()` and `quick()` are the two presets."""
 
     fractions: tuple[float, ...]
     batches: tuple[int, ...]
@@ -95,6 +107,9 @@ class ProfileSettings:
     preemption_fraction: float = 1.0
     prefetch_depth: int = 2
     quick_grid: bool = False  # "quick" in the document; the name `quick` is the preset's
+    max_repeats: int = 10
+    max_spread: float = 0.1
+    extra_seconds: float = 60.0
 
     def __post_init__(self):
         fractions = _tuple("fractions", self.fractions)
@@ -107,6 +122,11 @@ class ProfileSettings:
         _int("prompt_tokens", self.prompt_tokens, 1)
         _int("preemption_batch", self.preemption_batch, 1)
         _int("repeats", self.repeats, 1)
+        _int("max_repeats", self.max_repeats, 1)
+        if self.max_repeats < self.repeats:
+            raise ConfigError(f"max_repeats={self.max_repeats} is below repeats={self.repeats}")
+        object.__setattr__(self, "max_spread", _nonnegative("max_spread", self.max_spread))
+        object.__setattr__(self, "extra_seconds", _nonnegative("extra_seconds", self.extra_seconds))
         _int("prefetch_depth", self.prefetch_depth, 1)
         _fraction("preemption_fraction", self.preemption_fraction)
         object.__setattr__(self, "preemption_fraction", float(self.preemption_fraction))
@@ -117,16 +137,23 @@ class ProfileSettings:
     def full(cls) -> "ProfileSettings":
         """The whole grid: resident fractions 0-100% in 10% steps plus 92-98%, batches 1 and 8, 32 and 128
         new tokens, preemption at 512, 1024 and 2048 tokens of context (every preset holds them), 3
-        repeats."""
+        repeats (decode: up to 10 while the spread is above 10%, for at most a minute more per cell)."""
         return cls(fractions=FULL_FRACTIONS, batches=(1, 8), output_lengths=(32, 128), prompt_tokens=32,
                    contexts=(512, 1024, 2048), preemption_batch=4, repeats=3)
 
     @classmethod
     def quick(cls) -> "ProfileSettings":
         """A grid small enough for a minute on a CPU: 3 fractions, batches 1 and 4, 16 new tokens, contexts of
-        32 and 128 tokens, 2 repeats."""
+        32 and 128 tokens, 3 repeats (decode: up to 5 while the spread is above 10%, for at most 2 s more per
+        cell)."""
         return cls(fractions=(1.0, 0.5, 0.0), batches=(1, 4), output_lengths=(16,), prompt_tokens=8,
-                   contexts=(32, 128), preemption_batch=2, repeats=2, quick_grid=True)
+                   contexts=(32, 128), preemption_batch=2, repeats=3, quick_grid=True, max_repeats=5,
+                   extra_seconds=2.0)
+
+    def rounds(self) -> dict:
+        """`runs.decode_rounds`' keyword arguments for one decode cell of this grid."""
+        return dict(rounds=self.repeats, max_rounds=self.max_repeats, max_spread=self.max_spread,
+                    extra_seconds=self.extra_seconds)
 
     def replace(self, **changes) -> "ProfileSettings":
         """A copy with `changes` (validated again)."""
@@ -206,14 +233,14 @@ def model_info(spec: str, path: Path, placement) -> dict:
                 max_positions=c.max_position_embeddings)
 
 
-def new_document(settings: ProfileSettings, machine: dict, model: dict) -> dict:
+def new_document(settings: ProfileSettings, machine: dict, model: dict, link: dict | None = None) -> dict:
     from .. import __version__
 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"schema": schema.SCHEMA_NAME, "version": schema.VERSION, "complete": False,
             "interrupted_at": None, "created": created, "tidal_version": __version__, "machine": machine,
-            "model": model, "settings": settings.to_dict(), "links": None, "decode": [], "preemption": [],
-            "costmodel": {"fitted": None, "holdout": None,
+            "model": model, "settings": settings.to_dict(), "link": link, "links": None, "decode": [],
+            "preemption": [], "costmodel": {"fitted": None, "holdout": None,
                           "reason": "not fitted yet: the run has not finished"}}
 
 
@@ -252,36 +279,46 @@ class _Run(Progress):
 
 
 def run_profile(spec, settings: ProfileSettings | None = None, out_dir=".", device=None, dtype=None,
-                progress: bool = True) -> dict:
+                progress: bool = True, link=None) -> dict:
     """Profile model `spec` (a preset name or a checkpoint directory, `tidal.presets.resolve`) on `device`
     (default: CUDA when available) in `dtype` (default: `default_dtype`) over the grid `settings` (default:
-    `ProfileSettings.full()`). Writes `out_dir`/profile.json and `out_dir`/profile.png and returns the
-    document. On Ctrl-C it stops, writes what was measured (complete false, interrupted_at set), says where
-    it stopped on stderr and returns that document. ConfigError, before anything is measured, for an unknown
-    model, an unwritable `out_dir` or a grid the model cannot hold."""
+    `ProfileSettings.full()`). `link` (CPU backend only) emulates a host<->device link for every engine and
+    copy measured: a `tidal.backends.LinkEmulation`, a bandwidth in GB/s, or a target (a name of
+    `tidal.backends.link.TARGETS` or a LinkTarget), calibrated first on this model (`calibrate_link`). Writes
+    `out_dir`/profile.json and `out_dir`/profile.png and returns the document. On Ctrl-C it stops, writes
+    what was measured (complete false, interrupted_at set), says where it stopped on stderr and returns that
+    document. ConfigError, before anything is measured, for an unknown model, an unwritable `out_dir`, a grid
+    the model cannot hold or a bad `link`."""
     from .. import presets
     from ..backends import resolve_device
     from ..engine import Engine
     from .figures import profile_figure
 
     settings = settings or ProfileSettings.full()
-    out = writable_dir(out_dir)
     dev = resolve_device(device)
+    link = _link_request(link, dev)
+    out = writable_dir(out_dir)
     dtype = dtype or default_dtype(dev)
     path = Path(presets.resolve(spec, dtype=dtype, log=lambda msg: print(msg, file=sys.stderr), device=dev.type))
     placement = Engine.placement(path, device=dev, dtype=dtype, prefetch_depth=settings.prefetch_depth)
     model = model_info(spec, path, placement)
     settings.check_model(model["max_positions"])
-    doc = new_document(settings, machine_info(dev), model)
-    cells = (2 + len(settings.fractions) * len(settings.batches) * len(settings.output_lengths) +
+    target = isinstance(link, LinkTarget)
+    given = None if target or link is None else describe_link(link)
+    doc = new_document(settings, machine_info(dev), model, given)
+    cells = (2 + target + len(settings.fractions) * len(settings.batches) * len(settings.output_lengths) +
              len(PREEMPTION_CASES) * len(settings.contexts))
     run = _Run(doc, out / PROFILE_FILE, cells, progress)
     try:
         run.save()
-        _links(run, dev, placement)
+        if target:
+            link, method = _calibrate(link, placement, settings, run.at)
+            doc["link"] = describe_link(link, method)
+            run.done()
+        _links(run, dev, placement, link)
         run.save()
-        _decode(run, settings, placement)
-        _preemption(run, settings, placement)
+        _decode(run, settings, placement, link)
+        _preemption(run, settings, placement, link)
         run.at("costmodel")
         doc["costmodel"] = fit_costmodel(doc)
         doc["complete"] = True
@@ -305,23 +342,100 @@ def _stop(run: _Run, where: str, why: str) -> None:
     run.save()
 
 
-def _links(run: _Run, device, placement) -> None:
+# -- an emulated link ----------------------------------------------------------------------------------------
+LINK_SCOPE = ("tidal's copy queue: weight streaming, KV swap, preemption and resume copies, and the links "
+              "section's copies; loading a checkpoint and any baseline's moves do not go through it")
+
+
+def _link_request(link, device):
+    """`link` checked before anything runs: None, a LinkEmulation, or a LinkTarget to calibrate."""
+    if link is None:
+        return None
+    if device.type != "cpu":
+        raise ConfigError(f"link={str(link)!r}: emulation is for the CPU backend; {device} has a real link")
+    if isinstance(link, (str, LinkTarget)):
+        return link_target(link)
+    return coerce_link(link)
+
+
+def describe_link(link, method: str | None = None) -> dict:
+    """The document's `link` section of an emulated link (schema: link)."""
+    d = link.describe()
+    return {"emulated": True, "gbps": d["gbps"], "label": link.label, "target": d.get("target") or None,
+            "ratio": d.get("ratio"), "layer_bytes": d.get("layer_bytes"),
+            "layer_seconds": d.get("layer_seconds"), "method": method, "scope": LINK_SCOPE}
+
+
+def link_text(link: dict) -> str:
+    """A document's `link` section in a line: its bandwidth, and what it stands for if that was said."""
+    return f"{link['gbps']:.4g} GB/s" + (f", {link['label']}" if link["label"] else "")
+
+
+def head_bytes(placement) -> int:
+    """Bytes of the LM head, which every decode step reads beside its layers."""
+    c = placement.model
+    return c.vocab_size * c.hidden_size * placement.dtype.itemsize
+
+
+def calibrate_link(placement, target, settings: ProfileSettings | None = None):
+    """A LinkEmulation on which a decoder layer of the model of `placement` (`Engine.placement`) copies in
+    target's ratio times its decode time here: the all-resident decode step at batch 1, measured as
+    `tidal profile` measures a cell, shared among the weights it reads by bytes
+    (`link.layer_seconds_of_step`). `target`: a name of `tidal.backends.link.TARGETS` or a LinkTarget."""
+    return _calibrate(link_target(target), placement, settings or ProfileSettings.quick(), lambda _: None)[0]
+
+
+def _calibrate(target, placement, s: ProfileSettings, at) -> tuple:
+    from ..engine import Engine
+
+    n = min(s.output_lengths)
+    at(f"link: calibrating {target.name} on the all-resident decode, batch 1, {n} tokens")
+    kv_bytes = _kv_bytes(s.prompt_tokens + n, 1, placement.kv)
+    with Engine.from_pretrained(placement.checkpoint.path, device=placement.device, dtype=placement.dtype,
+                                resident_fraction=1.0, kv_cache_bytes=kv_bytes, host_kv_bytes=0,
+                                max_batch_size=1) as engine:
+        prompts = runs.same_length_prompts(1, s.prompt_tokens, placement.model.vocab_size)
+        res = runs.decode_rounds({"tidal": runs.tidal_generator(engine)}, prompts, n, warmup_tokens=n,
+                                 **s.rounds())["tidal"]
+    if not res["step_s"] > 0:
+        raise ConfigError(f"link calibration: {n} new tokens took no longer than 1; give longer "
+                          f"--output-lengths")
+    c, layer = placement.model, model_layer_bytes(placement)
+    seconds = layer_seconds_of_step(res["step_s"], c.num_layers, layer, head_bytes(placement))
+    method = (f"all-resident decode step at batch 1 ({n} new tokens after {s.prompt_tokens}-token prompts, "
+              f"median of {res['rounds']} rounds after a warm-up: {res['step_s'] * 1e3:.3g} ms), shared by "
+              f"bytes read: layer_seconds = step * layer_bytes / (num_layers * layer_bytes + LM head bytes); "
+              f"gbps = layer_bytes / (ratio * layer_seconds); ratio = the target's device memory GB/s over "
+              f"its link GB/s (tidal.backends.link)")
+    return LinkEmulation.like(target, layer, seconds), method
+
+
+def model_layer_bytes(placement) -> int:
+    from .. import weights as W
+
+    return W.layer_bytes(placement.model, placement.dtype)
+
+
+def _links(run: _Run, device, placement, link=None) -> None:
     from ..measure import copy_bandwidth
 
     run.at("links: host <-> device copies")
-    bw = copy_bandwidth(device, nbytes=COPY_BYTES, reps=LINK_REPS)
+    nbytes = COPY_BYTES
+    if link is not None:  # sized to take about EMULATED_COPY_SECONDS each on the emulated link
+        nbytes = max(1 << 20, min(COPY_BYTES, int(link.gbps * 1e9 * EMULATED_COPY_SECONDS)))
+    bw = copy_bandwidth(device, nbytes=nbytes, reps=LINK_REPS, link=link)
     run.done()
     run.at("links: disk reads")
-    gbps, nbytes, how = runs.disk_read(_checkpoint_files(placement), max_bytes=DISK_BYTES, reps=DISK_REPS)
+    gbps, disk_bytes, how = runs.disk_read(_checkpoint_files(placement), max_bytes=DISK_BYTES, reps=DISK_REPS)
     run.done()
     kind = "page-locked" if device.type == "cuda" else "plain (CPU backend)"
+    copier = "tidal.measure.copy_bandwidth" if link is None else f"through the emulated link ({link})"
     run.doc["links"] = dict(
-        h2d_gbps=bw["h2d_gbps"], d2h_gbps=bw["d2h_gbps"], copy_bytes=COPY_BYTES,
-        copy_method=f"tidal.measure.copy_bandwidth: one {COPY_BYTES >> 20} MiB copy between a {kind} host "
-                    f"buffer and a device buffer on the backend's copy queue, median of {LINK_REPS} after a "
-                    f"warm-up",
-        disk_read_gbps=gbps, disk_bytes=nbytes, disk_path=how,
-        disk_method=f"tidal.native.read_spans of the first {nbytes} bytes of the checkpoint files into "
+        h2d_gbps=bw["h2d_gbps"], d2h_gbps=bw["d2h_gbps"], copy_bytes=nbytes,
+        copy_method=f"{copier}: one {nbytes / (1 << 20):.4g} MiB copy between a {kind} host buffer and a device "
+                    f"buffer on the backend's copy queue, median of {LINK_REPS} after a warm-up",
+        disk_read_gbps=gbps, disk_bytes=disk_bytes, disk_path=how,
+        disk_method=f"tidal.native.read_spans of the first {disk_bytes} bytes of the checkpoint files into "
                     f"4096-congruent host memory, each read after posix_fadvise(DONTNEED) of the files, "
                     f"median of {DISK_REPS}")
 
@@ -336,7 +450,7 @@ def _kv_bytes(engine_tokens: int, batch: int, placement_kv) -> int:
     return blocks * placement_kv.block_bytes
 
 
-def _decode(run: _Run, s: ProfileSettings, placement) -> None:
+def _decode(run: _Run, s: ProfileSettings, placement, link=None) -> None:
     from ..engine import Engine
 
     kv_bytes = _kv_bytes(s.prompt_tokens + max(s.output_lengths), max(s.batches), placement.kv)
@@ -346,23 +460,24 @@ def _decode(run: _Run, s: ProfileSettings, placement) -> None:
         with Engine.from_pretrained(placement.checkpoint.path, device=placement.device, dtype=placement.dtype,
                                     resident_fraction=fraction, prefetch_depth=s.prefetch_depth,
                                     kv_cache_bytes=kv_bytes, host_kv_bytes=0,
-                                    max_batch_size=max(s.batches)) as engine:
+                                    max_batch_size=max(s.batches), link=link) as engine:
             for batch in s.batches:
                 for n in s.output_lengths:
                     run.at(f"decode: resident {fraction:g}, batch {batch}, {n} tokens")
-                    row = decode_row(engine, fraction, batch, s.prompt_tokens, n, s.repeats, vocab)
+                    row = decode_row(engine, fraction, batch, s.prompt_tokens, n, s.rounds(), vocab)
                     run.doc["decode"].append(row)
                     run.done()
         run.save()
 
 
-def decode_row(engine, fraction: float, batch: int, prompt_tokens: int, n: int, repeats: int,
+def decode_row(engine, fraction: float, batch: int, prompt_tokens: int, n: int, rounds: dict,
                vocab: int) -> dict:
-    """One decode row (schema: decode_row): `repeats` rounds of runs.decode_rounds of `batch` random prompts
-    of `prompt_tokens` tokens, `n` new tokens each, after one unrecorded run of the same length (first calls
-    pay one-time costs: kernel selection, allocation). The streamed bytes and stalls per step come from the
-    engine's counters, by the same difference as the time: (counter over the n-token run - over the 1-token
-    run) / (n - 1)."""
+    """One decode row (schema: decode_row): runs.decode_rounds (`rounds`: its round arguments,
+    `ProfileSettings.rounds()`) of `batch` random prompts of `prompt_tokens` tokens, `n` new tokens each,
+    after one unrecorded run of the same length (first calls pay one-time costs: kernel selection,
+    allocation); the time's median, min and max over the rounds. The streamed bytes and stalls per step come
+    from the engine's counters, by the same difference as the time: (counter over the n-token run - over the
+    1-token run) / (n - 1)."""
     counters = {1: [], n: []}  # (bytes streamed, stall seconds) of each gen(prompts, k) call, by k
 
     def gen(prompts, k):
@@ -374,7 +489,7 @@ def decode_row(engine, fraction: float, batch: int, prompt_tokens: int, n: int, 
         return out
 
     prompts = runs.same_length_prompts(batch, prompt_tokens, vocab)
-    res = runs.decode_rounds({"tidal": gen}, prompts, n, repeats, warmup_tokens=n)["tidal"]
+    res = runs.decode_rounds({"tidal": gen}, prompts, n, warmup_tokens=n, **rounds)["tidal"]
     timed = counters[n][-len(counters[1]):]  # the warm-up's n-token run came first
     per_step = [((bn - b1) / (n - 1), (sn - s1) / (n - 1)) for (b1, s1), (bn, sn) in zip(counters[1], timed)]
     decode_s = statistics.median(res["decode_s"])
@@ -385,13 +500,22 @@ def decode_row(engine, fraction: float, batch: int, prompt_tokens: int, n: int, 
     return dict(system="tidal", resident_fraction=fraction, resident_layers=len(engine.plan.resident_layers),
                 batch=batch, prompt_tokens=prompt_tokens, output_tokens=n, decode_seconds=decode_s,
                 tokens_per_second=res["tok_s"], step_seconds=res["step_s"],
-                mean_context=prompt_tokens + n / 2,
+                mean_context=prompt_tokens + n / 2, **spread_fields(res, batch, n),
                 bytes_streamed_per_step=round(statistics.median(b for b, _ in per_step)),
                 # a difference of two noisy sums: below zero means no stall measurable at this size
                 stall_seconds_per_step=max(0.0, statistics.median(st for _, st in per_step)))
 
 
-def _preemption(run: _Run, s: ProfileSettings, placement) -> None:
+def spread_fields(res: dict, batch: int, n: int) -> dict:
+    """A decode row's repeats and the min and max of its time and tokens/s (`runs.decode_rounds`' result)."""
+    lo, hi = res["min_decode_s"], res["max_decode_s"]
+    steps = batch * (n - 1)
+    return dict(repeats=res["rounds"], decode_seconds_min=lo, decode_seconds_max=hi,
+                # a difference of two noisy times: the fastest round's may not be positive on a short decode
+                tokens_per_second_min=steps / hi, tokens_per_second_max=steps / lo if lo > 0 else None)
+
+
+def _preemption(run: _Run, s: ProfileSettings, placement, link=None) -> None:
     from ..engine import Engine
 
     tokens = max(max(s.contexts), 64) + 2  # room for the warm-up's 64-token sequence too
@@ -400,7 +524,7 @@ def _preemption(run: _Run, s: ProfileSettings, placement) -> None:
     run.at(f"preemption: loading the engine at resident {s.preemption_fraction:g}")
     with Engine.from_pretrained(placement.checkpoint.path, device=placement.device, dtype=placement.dtype,
                                 resident_fraction=s.preemption_fraction, prefetch_depth=s.prefetch_depth,
-                                kv_cache_bytes=kv_bytes, host_kv_bytes=kv_bytes,
+                                kv_cache_bytes=kv_bytes, host_kv_bytes=kv_bytes, link=link,
                                 # kv="drop": resume's first step prefills every dropped context at once
                                 max_prefill_tokens=max(4096, s.preemption_batch * tokens)) as engine:
         run.at("preemption: warm-up")
@@ -519,6 +643,8 @@ def summary(doc: dict) -> str:
     from ..report import format_table
 
     parts = []
+    if doc["link"] is not None:
+        parts.append(f"emulated link: {link_text(doc['link'])}")
     links = doc["links"]
     if links is not None:
         parts.append(f"links: host->device {links['h2d_gbps']:.2f} GB/s, device->host "
@@ -533,10 +659,11 @@ def summary(doc: dict) -> str:
             ref = top.get((r["batch"], r["output_tokens"]))
             table.append([f"{r['resident_fraction']:.2f}",
                           f"{r['resident_layers']}/{doc['model']['num_layers']}",
-                          r["batch"], r["output_tokens"], r["tokens_per_second"],
+                          r["batch"], r["output_tokens"], r["tokens_per_second"], _range(r), r["repeats"],
                           f"{r['tokens_per_second'] / ref:.2f}" if ref else "-", r["step_seconds"] * 1e3,
                           r["bytes_streamed_per_step"] / 1e6, r["stall_seconds_per_step"] * 1e3])
-        parts.append(format_table(["resident", "layers", "batch", "new tokens", "decode tok/s", "vs resident",
+        parts.append(format_table(["resident", "layers", "batch", "new tokens", "decode tok/s", "min-max",
+                                   "rounds", "vs resident",
                                    "ms/step", "MB streamed/step", "stall ms/step"], table))
     rows = [r for r in doc["preemption"] if r["system"] == "tidal"]
     if rows:
@@ -557,6 +684,11 @@ def summary(doc: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _range(row: dict) -> str:
+    lo, hi = row["tokens_per_second_min"], row["tokens_per_second_max"]
+    return "-" if lo is None else f"{lo:.4g}-{hi:.4g}" if hi is not None else f"{lo:.4g}-"
+
+
 # -- command line --------------------------------------------------------------------------------------------
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -573,7 +705,14 @@ def add_run_arguments(p, out_help: str, out_default: str) -> None:
     p.add_argument("--batches", nargs="+", metavar="B", help="decode batch sizes")
     p.add_argument("--output-lengths", nargs="+", metavar="N", help="new tokens per timed decode (>= 2)")
     p.add_argument("--contexts", nargs="+", metavar="T", help="tokens per sequence at preemption")
-    p.add_argument("--repeats", metavar="N", help="timed repetitions per cell")
+    p.add_argument("--repeats", metavar="N", help="timed repetitions per cell (decode: at least)")
+    p.add_argument("--max-repeats", metavar="N", help="decode: repetitions at most, while the spread is above "
+                   "--max-spread (default 10, --quick 5)")
+    p.add_argument("--max-spread", metavar="F", help="decode: repeat while (max - min) / median of a cell's "
+                   "times is above F (default 0.1)")
+    p.add_argument("--link", metavar="GBPS|TARGET", help="CPU backend: emulate a host<->device link of GBPS "
+                   "(e.g. 2.5), or one that makes a layer's copy as slow against its decode as on TARGET: "
+                   f"{', '.join(TARGETS)}")
     p.add_argument("--threads", metavar="N", help="torch CPU threads (default: torch's own); on a machine "
                    "shared with other work, 1 gives steadier numbers (a busy core stalls OpenMP's others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -628,6 +767,12 @@ def settings_from_args(args) -> ProfileSettings:
             changes[field] = _numbers(option, values, kind)
     if args.repeats is not None:
         changes["repeats"] = _numbers("--repeats", [args.repeats], int)[0]
+    if args.max_repeats is not None:
+        changes["max_repeats"] = _numbers("--max-repeats", [args.max_repeats], int)[0]
+    elif changes.get("repeats", 0) > settings.max_repeats:  # --repeats alone raises the cap with it
+        changes["max_repeats"] = changes["repeats"]
+    if args.max_spread is not None:
+        changes["max_spread"] = _numbers("--max-spread", [args.max_spread], float)[0]
     try:
         return settings.replace(**changes)
     except ConfigError as exc:  # name the option, not the field
@@ -638,11 +783,17 @@ def settings_from_args(args) -> ProfileSettings:
         raise ConfigError(msg) from None
 
 
+def link_option(args):
+    """--link as `run_profile` takes it: None, a bandwidth in GB/s or a LinkTarget (ConfigError naming
+    --link otherwise)."""
+    return None if args.link is None else parse_link(args.link, "--link")
+
+
 def command(args) -> int:
     """Run `tidal profile`; 0 when complete, 130 when interrupted."""
     settings, dtype = run_options(args)
     doc = run_profile(args.model, settings, args.out, device=args.device, dtype=dtype,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, link=link_option(args))
     out = Path(args.out)
     print(summary(doc))
     print(f"profile: {out / PROFILE_FILE}\nfigure: {out / FIGURE_FILE}")

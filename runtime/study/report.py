@@ -313,6 +313,13 @@ def render(docs: list[dict], figures: dict[str, str], command: str, baseline: st
     incomplete = [f"{_name(d)} (stopped at {d['interrupted_at']})" for d in docs if not d["complete"]]
     if incomplete:
         head.append("**Incomplete runs:** " + ", ".join(incomplete) + ".")
+    from .profile import link_text
+
+    links = [f"{_name(d)}: {link_text(d['link'])}" for d in docs if d.get("link") is not None]
+    if links:
+        head.append("**Emulated link.** tidal's copies (weight streaming, KV swap, preemption and resume) went "
+                    "through an emulated host<->device link (`--link`): " + "; ".join(links) + ". The "
+                    "baselines' moves did not; their rows are not slowed by it.")
     if first["device"] == "cpu":
         head.append("On the CPU backend \"device\" memory is host memory: copies between tiers are memcpy on "
                     "tidal's copy thread, so link bandwidths are memory bandwidths, and baselines that would "
@@ -337,8 +344,9 @@ def _slug(spec: str) -> str:
 
 
 def run_study(specs, settings=None, out_dir=".", baseline: str = "accelerate", device=None, dtype=None,
-              progress: bool = True, command: str = "tidal study") -> tuple[Path, bool]:
-    """`tidal compare` (`compare.run_compare`) of each model in `specs` into `out_dir`/<model>/, then
+              progress: bool = True, command: str = "tidal study", link=None) -> tuple[Path, bool]:
+    """`tidal compare` (`compare.run_compare`, `link` included: a target is calibrated on each model) of
+    each model in `specs` into `out_dir`/<model>/, then
     `out_dir`/REPORT.md and its figures. Returns (report path, complete). Ctrl-C stops at once: the models
     measured so far, and the interrupted one's partial rows, still make the report, marked incomplete."""
     from . import compare
@@ -356,7 +364,7 @@ def run_study(specs, settings=None, out_dir=".", baseline: str = "accelerate", d
     docs, complete = [], True
     for spec, slug in zip(specs, slugs):
         doc = compare.run_compare(spec, settings, baseline, out / slug, device=device, dtype=dtype,
-                                  progress=progress)
+                                  progress=progress, link=link)
         docs.append(doc)
         if not doc["complete"]:
             complete = False
@@ -387,10 +395,10 @@ def add_parser(subparsers) -> None:
 
 def command(args) -> int:
     """Run `tidal study`; 0 when complete, 130 when interrupted."""
-    from .profile import run_options
+    from .profile import link_option, run_options
 
     settings, dtype = run_options(args)
     path, complete = run_study(args.models, settings, args.out, args.baseline, device=args.device, dtype=dtype,
-                               progress=not args.no_progress, command=args.command_line)
+                               progress=not args.no_progress, command=args.command_line, link=link_option(args))
     print(f"report: {path}")
     return 0 if complete else 130

@@ -15,7 +15,6 @@ there are.
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 import random
@@ -63,22 +62,37 @@ def _timed(gen: Generator, prompts, n):
     return time.perf_counter() - t0, out
 
 
+def relative_spread(values) -> float:
+    """(max - min) / median of repeated measurements (0 for one)."""
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m if m > 0 else float("inf")
+
+
 def decode_rounds(gens: dict[str, Generator], prompts, n: int, rounds: int, warmup: bool = True,
-                  deadline: float | None = None, warmup_tokens: int = 2) -> dict[str, dict]:
+                  deadline: float | None = None, warmup_tokens: int = 2, max_rounds: int | None = None,
+                  max_spread: float = 0.0, extra_seconds: float = float("inf")) -> dict[str, dict]:
     """Time gen(prompts, 1) then gen(prompts, n) for every side in each round, the sides in rotating order so
     that the machine's noise hits all alike, after one unrecorded gen(prompts, warmup_tokens) per side if
     `warmup` (warmup_tokens=n: every shape the timed runs see has been seen once). Stops after `rounds`, or
-    at `deadline` (time.monotonic()) once every side has one round. Per side: the per-round decode seconds
-    (t_n - t_1), the median of t_1, decode tokens/s from the median decode seconds, and the last round's
-    tokens."""
+    at `deadline` (time.monotonic()) once every side has one round. Past `rounds`, up to `max_rounds`, more
+    rounds run while some side's `relative_spread` of decode seconds is above `max_spread`, for at most
+    `extra_seconds` (and not past `deadline`). Per side: the per-round decode seconds (t_n - t_1), their
+    min, max and relative spread, the median of t_1, decode tokens/s from the median decode seconds, and
+    the last round's tokens."""
     names = list(gens)
     if warmup:
         for name in names:
             gens[name](prompts, warmup_tokens)
     res = {k: {"t1": [], "decode_s": [], "tokens": None} for k in names}
-    for r in range(rounds):
+    extra_until = None
+    for r in range(max(rounds, max_rounds or 0)):
         if r and deadline is not None and time.monotonic() > deadline:
             break
+        if r >= rounds:
+            extra_until = extra_until or time.monotonic() + extra_seconds
+            if time.monotonic() >= extra_until or \
+                    all(relative_spread(x["decode_s"]) <= max_spread for x in res.values()):
+                break
         for name in names[r % len(names):] + names[:r % len(names)]:
             t1, _ = _timed(gens[name], prompts, 1)
             tn, out = _timed(gens[name], prompts, n)
@@ -89,6 +103,8 @@ def decode_rounds(gens: dict[str, Generator], prompts, n: int, rounds: int, warm
     for r in res.values():
         d = statistics.median(r["decode_s"])
         r.update(rounds=len(r["decode_s"]), median_t1_s=statistics.median(r["t1"]),
+                 min_decode_s=min(r["decode_s"]), max_decode_s=max(r["decode_s"]),
+                 spread=relative_spread(r["decode_s"]),
                  step_s=d / (n - 1) if d > 0 else float("nan"),
                  tok_s=batch * (n - 1) / d if d > 0 else float("nan"))
     return res
@@ -117,31 +133,18 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, i
 # -- synthetic context and preemption round trips ------------------------------------------------------------
 def add_synthetic_context(engine, batch: int, context: int, token: int = 1,
                           max_new_tokens: int = SYNTHETIC_MAX_NEW_TOKENS) -> list[int]:
-    """SYNTHETIC CONTEXT, for measurements only: put `batch` running requests of `context` tokens each into
-    the engine without computing them. This does what the engine's `_admit` and `_prefill` do for a prompt, minus
-    the forward pass: a `_Request` whose prompt is `context` copies of `token`, its KV blocks allocated in the
-    device pool (`cache.allocate`), one output token (so the running-request invariant holds: the cache holds
-    every token but the last output, which the next decode feeds), inserted in `engine.running` by id.
-
-    The blocks are then written with a constant, so their pages are real memory (on the CPU backend an
-    untouched page reads as the shared zero page, which would make the swap-out look faster than it is). The
-    values are meaningless; preemption moves the blocks, whatever they hold. Returns the request ids."""
-    from tidal.engine import _Request
-    from tidal.sampling import SamplingParams
-
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    ids, blocks = [], []
-    for _ in range(batch):
-        r = _Request(engine._next_id, [token] * context, params, params.generator())
-        engine._next_id += 1
-        engine._requests[r.id] = r
-        blocks += engine.cache.allocate(r.id, context)
-        r.output = [token]
-        r.state = "running"
-        bisect.insort(engine.running, r, key=lambda q: q.id)
-        ids.append(r.id)
-    kv = engine.cache.kv
-    kv.index_fill_(2, torch.tensor(blocks, device=kv.device), 0.01)
+    """SYNTHETIC CONTEXT, for measurements only: `batch` running requests of `context` tokens each, placed
+    without a forward pass (`Engine.add_synthetic_request`: blocks allocated in the device pool and written,
+    the values meaningless; preemption moves the blocks, whatever they hold). Returns the request ids; if one
+    cannot be placed, those already placed are aborted and the error propagates."""
+    ids = []
+    try:
+        for _ in range(batch):
+            ids.append(engine.add_synthetic_request(context, max_new_tokens=max_new_tokens, token=token))
+    except BaseException:
+        for rid in ids:
+            engine.abort(rid)
+        raise
     return ids
 
 

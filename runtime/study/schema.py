@@ -1,8 +1,12 @@
 """The profile.json document: its JSON Schema (profile.schema.json, next to this file), validation, and
 reading and writing it. A document is written atomically (a temporary file renamed over the old one), so an
-interrupted or killed run leaves either the previous valid document or the new one, never half of one."""
+interrupted or killed run leaves either the previous valid document or the new one, never half of one.
+
+Version 2 added the emulated link (`link`) and the spread of decode cells (min and max beside the median);
+a version 1 document is read upgraded (`upgrade`), with what it did not record as null."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -13,7 +17,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 SCHEMA_NAME = "tidal.profile"
-VERSION = 1
+VERSION = 2
 SCHEMA_FILE = Path(__file__).with_name("profile.schema.json")
 
 
@@ -67,12 +71,36 @@ def load(path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     version = doc.get("version") if isinstance(doc, dict) else None
-    if version not in (None, VERSION):  # a newer writer's document: say so rather than list schema errors
-        raise ConfigError(f"{path}: profile version {version!r}; this tidal reads version {VERSION}")
+    if version == 1:
+        doc = upgrade(doc)
+    elif version not in (None, VERSION):  # a newer writer's document: say so rather than list schema errors
+        raise ConfigError(f"{path}: profile version {version!r}; this tidal reads versions 1 and {VERSION}")
     try:
         validate(doc)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return doc
+
+
+def upgrade(doc: dict) -> dict:
+    """A version 1 document as version 2 (a new dict): no emulated link; each decode cell's repeats were
+    exactly `settings.repeats` (version 1 repeated no cell further), and their min and max were not recorded
+    (null). Anything else is left for `validate` to judge."""
+    doc = copy.deepcopy(doc)
+    doc["version"] = VERSION
+    doc.setdefault("link", None)
+    settings = doc.get("settings")
+    repeats = settings.get("repeats") if isinstance(settings, dict) else None
+    if isinstance(settings, dict):
+        settings.setdefault("max_repeats", repeats)
+        settings.setdefault("max_spread", 0.0)
+        settings.setdefault("extra_seconds", 0.0)
+    for row in doc.get("decode") or ():
+        if isinstance(row, dict):
+            row.setdefault("repeats", repeats)
+            for key in ("decode_seconds_min", "decode_seconds_max", "tokens_per_second_min",
+                        "tokens_per_second_max"):
+                row.setdefault(key, None)
     return doc
 
 
