@@ -66,14 +66,22 @@ def decode_step_time(model, device, steps: int, deadline: float) -> float:
     return statistics.median(times[1:])
 
 
+def _estimate_if_it_fits(m, kind, f, g, ctx, result) -> float | None:
+    """The variant's estimated seconds, or None (and a skipped row saying why) when it does not fit."""
+    est = gpu_plan.streaming_variant_s(m, kind, f, g["steps"], ctx.rates)
+    if ctx.fits(est):
+        return est
+    why = f"time: needs ~{est:.0f} s, {ctx.seconds_left():.0f} s left"
+    result["decode"].append(dict(model=m.label, kind=kind, resident_fraction=f, skipped=why))
+    return None
+
+
 def _tidal_rows(model, m, g, ctx, result) -> None:
     import tidal
 
     for f in g["tidal"]:
-        est = gpu_plan.streaming_variant_s(m, "tidal", f, g["steps"], ctx.rates)
-        if not ctx.fits(est):
-            why = f"time: needs ~{est:.0f} s, {ctx.seconds_left():.0f} s left"
-            result["decode"].append(dict(model=m.label, kind="tidal", resident_fraction=f, skipped=why))
+        est = _estimate_if_it_fits(m, "tidal", f, g, ctx, result)
+        if est is None:
             continue
         tidal.offload(model, resident_fraction=f, prefetch_depth=2, device=ctx.device)
         try:
@@ -93,10 +101,8 @@ def _accelerate_rows(path, m, g, ctx, result) -> None:
     from tidal.baselines import accelerate_offload
 
     for f in g["accelerate"]:
-        est = gpu_plan.streaming_variant_s(m, "accelerate", f, g["steps"], ctx.rates)
-        if not ctx.fits(est):
-            why = f"time: needs ~{est:.0f} s, {ctx.seconds_left():.0f} s left"
-            result["decode"].append(dict(model=m.label, kind="accelerate", resident_fraction=f, skipped=why))
+        est = _estimate_if_it_fits(m, "accelerate", f, g, ctx, result)
+        if est is None:
             continue
         model = _load(path, "cpu", dtype_for(ctx.device))
         streamed = tidal.ResidencyPlan.from_fraction(m.layers, f).streamed_layers

@@ -404,6 +404,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapping_in or self.swapped or self._parked or self._carry)
 
+    @property
+    def has_pending_outputs(self) -> bool:
+        """Outputs already computed (by the step `resume()` ran) that the next `step()` returns at once,
+        computing nothing; a measurement collects them first so that its next step is timed."""
+        return bool(self._carry)
+
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
         """Generate for every prompt (a list of token-id lists), batched; returns the generated ids per prompt.

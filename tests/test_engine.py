@@ -63,6 +63,7 @@ def test_greedy_matches_transformers(saved, expected, arch, fraction, device):
         s = eng.stats()
         # auto: the references on the CPU (even with TRITON_INTERPRET=1 set), Triton on CUDA
         assert s.kernel_path == ("reference" if device == "cpu" else "triton")
+        assert s.host_memory == ("pinned" if device.startswith("cuda") else "plain (CPU backend: no page-locking)")
         assert len(s.streamed_layers) == (0 if fraction == 1.0 else 3)
         # each forward streams every streamed layer once; the last one's lookahead (prefetch_depth = 2 layers
         # of the next forward) is copied too

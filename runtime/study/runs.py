@@ -152,7 +152,7 @@ def drain(engine) -> None:
     """Collect the outputs of the step that resume() ran (the next step() returns them without computing).
     Needed between round trips: resume() runs its first step through step(), which, while such outputs are
     pending, returns them instead of computing (so a second resume would time no step at all)."""
-    if engine._carry:
+    if engine.has_pending_outputs:
         engine.step()
 
 
