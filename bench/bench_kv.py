@@ -131,7 +131,7 @@ def bench_kv_swap(benchmark, tokens, kind, direction):
 
 
 def main(argv=None) -> int:
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     ap = argparse.ArgumentParser(description="KV swap bandwidth: tidal vs a per-block copy loop")
     ap.add_argument("--device", default="cpu")

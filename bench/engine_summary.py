@@ -93,7 +93,7 @@ def measure(path, dtype: torch.dtype, batches, prompt_len: int, new_tokens: int,
 
 
 def table(results: list[dict]) -> str:
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     rows = []
     for r in results:

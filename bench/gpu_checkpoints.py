@@ -36,7 +36,7 @@ def run(ctx) -> dict:
 
     from tidal import presets
     from tidal.measure import copy_bandwidth
-    from tidal.report import format_table
+    from tidal.tables import format_table
     from tidal.study.runs import disk_read
 
     rows, written, write_s = [], 0, 0.0

@@ -106,7 +106,7 @@ def add_bounds(rows: list[dict], h2d_gbps: float) -> None:
 
 
 def table(rows: list[dict], bw: dict, notes: list[str], dtype: str) -> str:
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     out = []
     for r in sorted(rows, key=lambda r: (r["model"], -r["resident_fraction"], r["batch"], r["kind"])):

@@ -20,7 +20,7 @@ import torch
 import gpu_plan
 import tidal.kernels as K
 from gpu_report import KERNEL_COPY as TARGET, KERNEL_MIN_WORK
-from tidal.report import format_table
+from tidal.tables import format_table
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 ROTATE_BYTES = 512 << 20  # well over any L2 (50-60 MB on H100/H200)

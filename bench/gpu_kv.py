@@ -10,7 +10,7 @@ import gpu_plan
 from bench_kv import HEADERS, measure, table_rows
 from gpu_report import KV_PINNED
 from tidal.measure import copy_bandwidth
-from tidal.report import format_table
+from tidal.tables import format_table
 
 
 def run(ctx) -> dict:

@@ -140,7 +140,7 @@ def verdicts(rows: list[dict], ttft: list[dict], h2d_gbps: float) -> dict:
 
 
 def table(rows, ttft, bw, verdict, notes) -> str:
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     done, done_ttft = [r for r in rows if "skipped" not in r], [r for r in ttft if "skipped" not in r]
     b_rows = breakdown_table_rows(done)

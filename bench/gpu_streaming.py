@@ -134,7 +134,7 @@ def add_bounds(rows: list[dict], h2d_gbps: float) -> None:
 
 
 def table(result: dict) -> str:
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     rows = []
     for r in sorted(result["decode"], key=lambda r: (r["model"], -r["resident_fraction"], r["kind"])):

@@ -26,7 +26,7 @@ def run(ctx) -> dict:
     import torch
 
     from tidal.study import report
-    from tidal.study.profile import ProfileSettings
+    from tidal.study.settings import ProfileSettings
 
     spec, name = ctx.checkpoint(g["model"].preset), g["model"].label
     if spec is None:

@@ -125,7 +125,7 @@ def crossover_lines(names) -> list[str]:
 
 def main(argv=None) -> int:
     from tidal.measure import copy_bandwidth
-    from tidal.report import format_table
+    from tidal.tables import format_table
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the small model, contexts 1k and 4k, one repeat")

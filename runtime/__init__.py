@@ -8,22 +8,64 @@ with a report of what each part cost. `tidal.Runtime` holds several engines unde
 `tidal.native.path()` names the host-copy path in use. `tidal.presets` builds random-weight checkpoints of
 published model shapes; `tidal.costmodel` predicts step, preemption and resume costs from a profile (`tidal
 profile`, `tidal compare`, `tidal study`: `tidal.study`).
+
+Every public name is imported on first use (PEP 562 `__getattr__`), not by `import tidal`: the bookkeeping
+(`tidal.costmodel`, `tidal.plan`, `tidal.kv.allocator`, `tidal.modes`, `tidal.errors`) imports without torch,
+and `import tidal` stays cheap.
 """
-from . import costmodel, errors, native, presets
-from .backends import make_backend
-from .config import OffloadConfig
-from .engine import Engine, EngineStats, Footprint, StepOutput
-from .multimodel import ModelStatus, Runtime
-from .errors import GenerationError, PromptError
-from .preemption import PreemptionReport, ResumeReport
-from .kv import BlockAllocator, PagedKVCache
-from .offload import OffloadStats, find_decoder_layers, is_offloaded, offload, restore, stats
-from .plan import ResidencyPlan
-from .streaming import LayerStreamer, StepStats, StreamedLayer
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = ["costmodel", "errors", "native", "presets", "make_backend", "OffloadConfig", "Engine", "EngineStats", "Footprint", "StepOutput",
-           "GenerationError", "PromptError", "Runtime", "ModelStatus", "PreemptionReport", "ResumeReport",
-           "BlockAllocator", "PagedKVCache", "OffloadStats", "find_decoder_layers", "is_offloaded", "offload",
-           "restore", "stats", "ResidencyPlan", "LayerStreamer", "StepStats", "StreamedLayer"]
+# public name -> the submodule that defines it (a submodule itself when the name is the module's)
+_EXPORTS = {
+    "costmodel": ".costmodel", "errors": ".errors", "native": ".native", "presets": ".presets",
+    "make_backend": ".backends", "OffloadConfig": ".config",
+    "Engine": ".engine", "EngineStats": ".engine", "Footprint": ".engine", "StepOutput": ".engine",
+    "GenerationError": ".errors", "PromptError": ".errors",
+    "Runtime": ".multimodel", "ModelStatus": ".multimodel",
+    "PreemptionReport": ".preemption", "ResumeReport": ".preemption",
+    "BlockAllocator": ".kv", "PagedKVCache": ".kv",
+    "OffloadStats": ".offload", "find_decoder_layers": ".offload", "is_offloaded": ".offload",
+    "offload": ".offload", "restore": ".offload", "stats": ".offload",
+    "ResidencyPlan": ".plan",
+    "modes": ".modes", "policy": ".policy",
+    "ModelState": ".policy", "Policy": ".policy", "LruPolicy": ".policy", "NoEviction": ".policy",
+    "PoolView": ".policy", "ModelView": ".policy", "Preempt": ".policy", "Load": ".policy", "Resume": ".policy",
+    "LayerStreamer": ".streaming", "StepStats": ".streaming", "StreamedLayer": ".streaming",
+}
+_MODULES = {"costmodel", "errors", "native", "presets", "modes", "policy"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tidal' has no attribute {name!r}")
+    mod = importlib.import_module(module, __name__)
+    value = mod if name in _MODULES else getattr(mod, name)
+    globals()[name] = value  # once imported, later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`tidal.offload` is a function and a submodule of the same name. Importing the submodule binds it on the
+    package; that binding is skipped, so that `tidal.offload` stays the function (as when it was imported
+    eagerly) whichever is imported first. The submodule is still `sys.modules["tidal.offload"]`."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and name in _EXPORTS and name not in _MODULES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

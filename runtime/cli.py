@@ -3,7 +3,7 @@ and sets `func`, which runs it and returns the exit status.
 
 `tidal profile` (tidal.study.profile) measures this machine for a model and writes profile.json; `tidal
 compare` (tidal.study.compare) measures a baseline beside it; `tidal study` (tidal.study.report) does both for
-several models and writes a report. `tidal demo` is `tidal profile tiny --quick` and a short compare."""
+several models and writes a report. Their parsers are tidal.study.commands'. `tidal demo` is `tidal profile tiny --quick` and a short compare."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,7 @@ def demo_command(args) -> int:
     import torch
 
     from .study import compare, profile
+    from .study.summary import side_by_side, summary
 
     if args.threads < 1:
         raise TidalError(f"--threads={args.threads}: need at least 1")
@@ -40,7 +41,7 @@ def demo_command(args) -> int:
     quick = profile.ProfileSettings.quick()
     print(f"== tidal profile {DEMO_MODEL} --quick ==", flush=True)
     doc = profile.run_profile(DEMO_MODEL, quick, out / "profile", device=args.device, progress=progress)
-    print(profile.summary(doc))
+    print(summary(doc))
     print(f"profile: {out / 'profile' / profile.PROFILE_FILE}\nfigure: {out / 'profile' / profile.FIGURE_FILE}")
     if not doc["complete"]:
         return 130
@@ -49,7 +50,7 @@ def demo_command(args) -> int:
           flush=True)
     doc = compare.run_compare(DEMO_MODEL, short, "accelerate", out / "compare", device=args.device,
                               progress=progress)
-    print(compare.side_by_side(doc))
+    print(side_by_side(doc))
     print("notes:\n" + "\n".join(f"- {n}" for n in compare.notes("accelerate", doc["machine"]["device"])))
     print(f"figure: {out / 'compare' / compare.FIGURE_FILE}")
     return 0 if doc["complete"] else 130
@@ -63,14 +64,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .study import compare, profile, report
+    from .study import commands
 
     parser = _Parser(prog="tidal", description="tidal: offload and preemption runtime for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
-    profile.add_parser(sub)
-    compare.add_parser(sub)
-    report.add_parser(sub)
+    commands.add_parsers(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command_line = " ".join(["tidal"] + argv)

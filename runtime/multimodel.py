@@ -3,41 +3,66 @@
 The runtime admits a model only if the bytes it will hold fit: its device bytes (weights, streaming ring, KV
 pool) within `device_budget_bytes`, and its host bytes (streamed weights, KV host pool, and the host copy
 of anything preempted to the host) within `host_budget_bytes`. Before loading, it knows those bytes from
-`Engine.placement`, which reads only the checkpoint's headers. With `evict="lru"`, a model that does not fit
-preempts active models, least recently used first. Each of those keeps its host copy when the host budget
-allows, and goes to disk otherwise. Without it, the call raises OutOfDeviceMemory with the numbers. The
-accounting is pure bookkeeping over `Engine.memory()` and `Engine.placement()`; the engines move the bytes.
+`Engine.placement`, which reads only the checkpoint's headers. Which models leave the device to make room is
+a policy's decision (`policy.py`): the runtime gives it a frozen `PoolView`, checks the actions it returns
+against that view, and applies them. `evict=None` preempts nothing and raises OutOfDeviceMemory with the
+numbers; `evict="lru"` preempts active models, least recently used first, each keeping its host copy when
+the host budget allows and going to disk otherwise; a Policy object decides for itself. The accounting is
+pure bookkeeping over `Engine.memory()` and `Engine.placement()`; the engines move the bytes.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
-from typing import Optional
 
 from .backends import resolve_device
 from .engine import Engine
 from .errors import ConfigError, OutOfDeviceMemory, StateError
+from .policy import ACTIONS, ModelState, ModelView, Policy, PoolView, Preempt, Request, resolve, serve
 from .preemption import host_copy_growth, staging_bytes
 
 log = logging.getLogger("tidal")
 
-EVICT_POLICIES = (None, "lru")
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelStatus:
-    state: str  # "active" or "preempted (weights/kv)"
+    state: ModelState  # ACTIVE, PREEMPTED_HOST, PREEMPTED_DISK or PREEMPTED_KEEP
     device_bytes: int
     host_bytes: int
     disk_bytes: int
     running_requests: int  # admitted and not finished: running, swapped or waiting to resume
     waiting_requests: int
+    kv: str | None = None  # the KV mode of the preemption ("swap" or the engine's word for recompute)
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    @property
+    def preempted(self) -> bool:
+        return self.state.preempted
+
+    @property
+    def weights(self) -> str | None:
+        """Where a preempted model's weights went ("host", "disk", "keep"); None while active."""
+        return self.state.weights
+
+    def __str__(self) -> str:
+        state = "active" if self.active else f"preempted (weights={self.weights}, kv={self.kv})"
+        return (f"{state}: {self.device_bytes} device, {self.host_bytes} host, {self.disk_bytes} disk bytes; "
+                f"{self.running_requests} running, {self.waiting_requests} waiting requests")
 
 
 class Runtime:
-    """Several models on one device. `load`, `generate`, `preempt`, `resume`, `unload` and `status` take a
-    model's name. Budgets are in bytes; None means no limit on that tier."""
+    """A pool of models on one device under byte budgets: the mechanism. `load`, `generate`, `preempt`,
+    `resume`, `unload` and `status` take a model's name. Budgets are in bytes; None means no limit on that tier.
+
+    It keeps the books (each model's bytes per tier, its use order) and moves models when told to. It decides
+    nothing: which models a load or resume preempts comes from the policy passed as `evict=` (`policy.py`).
+    The name stays `Runtime`, not "Pool", although a scheduler will sit above it: what it runs is the pool's
+    mechanism, and `tidal.Runtime(device_budget_bytes=..., host_budget_bytes=...)` is the object a
+    `tidal.Scheduler` is built over (issue 14)."""
 
     def __init__(self, device=None, device_budget_bytes: int | None = None, host_budget_bytes: int | None = None):
         for name, value in (("device_budget_bytes", device_budget_bytes), ("host_budget_bytes", host_budget_bytes)):
@@ -49,21 +74,23 @@ class Runtime:
         self._active_bytes: dict[str, tuple[int, int]] = {}  # name -> (device, host) once loaded and active
 
     # -- the API ---------------------------------------------------------------------------------------------
-    def load(self, name: str, path, evict: Optional[str] = None, **engine_kwargs) -> list:
+    def load(self, name: str, path, evict: None | str | Policy = None, **engine_kwargs) -> list:
         """Load the checkpoint at `path` as `name`; returns the PreemptionReports of models evicted for it.
-        `engine_kwargs` go to `Engine.from_pretrained`; an emulated `link=` paces this model's copies alone."""
+        `evict`: None, "lru" or a Policy (see `policy.resolve`). `engine_kwargs` go to `Engine.from_pretrained`;
+        an emulated `link=` paces this model's copies alone."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name={name!r} must be a non-empty string")
         if name in self.models:
             raise ConfigError(f"a model named {name!r} is loaded already; unload it first")
-        _check_policy(evict)
+        policy = resolve(evict)
         if "device" in engine_kwargs:
             raise ConfigError("device is the runtime's; pass it to Runtime(device=...)")
         if self.device_budget is not None and engine_kwargs.get("kv_cache_bytes") is None:
             raise ConfigError("with a device budget, give each model's kv_cache_bytes")
         placement = Engine.placement(path, device=self.device, **engine_kwargs)
         need = placement.footprint
-        reports = self._make_room(name, need.device, need.host, evict)
+        loading = ModelView(name, ModelState.UNLOADED, 0, 0, need.device, need.host, last_used=len(self.models))
+        reports = self._evict_for(Request(name, need.device, need.host), policy, loading)
         engine = Engine.from_pretrained(path, device=self.device, **engine_kwargs)
         engine.name = name
         self.models[name] = engine
@@ -91,17 +118,17 @@ class Runtime:
                                         f"{self._host_used()} of {self.host_budget} are in use (use weights='disk')")
         return engine.preempt(weights=weights, kv=kv)
 
-    def resume(self, name: str, pipelined: bool = True, evict: Optional[str] = None):
+    def resume(self, name: str, pipelined: bool = True, evict: None | str | Policy = None):
         """Resume model `name`; returns (ResumeReport, PreemptionReports of the models evicted for it)."""
         engine = self._get(name)
         if engine.preempted is None:
             raise StateError(f"model {name!r} is not preempted")
-        _check_policy(evict)
+        policy = resolve(evict)
         active_device, active_host = self._active_bytes[name]
         now = engine.memory()
         # a disk resume stages the device regions in host memory while it runs: that must fit too
         host_peak = max(0, active_host - now.host) + staging_bytes(engine)
-        reports = self._make_room(name, active_device - now.device, host_peak, evict)
+        reports = self._evict_for(Request(name, active_device - now.device, host_peak), policy)
         report = engine.resume(pipelined=pipelined)
         self.models.move_to_end(name)
         return report, reports
@@ -116,17 +143,16 @@ class Runtime:
         for name, engine in self.models.items():
             m = engine.memory()
             p = engine.preempted
-            state = "active" if p is None else f"preempted (weights={p.weights}, kv={p.kv})"
-            waiting = len(engine.waiting)
-            total = waiting + len(engine.running) + len(engine.swapping_in) + len(engine.swapped) + len(engine._parked)
-            out[name] = ModelStatus(state, m.device, m.host, m.disk, total - waiting, waiting)
+            running, waiting = _request_counts(engine)
+            out[name] = ModelStatus(_state(engine), m.device, m.host, m.disk, running, waiting,
+                                    kv=None if p is None else p.kv)
         return out
 
     def close(self) -> None:
         for name in list(self.models):
             self.unload(name)
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -139,34 +165,42 @@ class Runtime:
     def _host_used(self) -> int:
         return sum(e.memory().host for e in self.models.values())
 
-    def _make_room(self, name: str, device: int, host: int, evict: Optional[str]) -> list:
-        """Evict (with evict="lru") until `device` more device bytes and `host` more host bytes fit."""
+    def _view(self, request: Request, loading: ModelView | None = None) -> PoolView:
+        """The frozen snapshot a policy decides on; `loading` is the model a load would add."""
+        models = []
+        for rank, (name, engine) in enumerate(self.models.items()):  # least recently used first
+            m = engine.memory()
+            running, waiting = _request_counts(engine)
+            active_device, active_host = self._active_bytes[name]
+            models.append(ModelView(
+                name, _state(engine), m.device, m.host, active_device, active_host,
+                host_copy_bytes=host_copy_growth(engine), host_release_bytes=engine.weights.host_bytes,
+                last_used=rank, running_requests=running, waiting_requests=waiting))
+        if loading is not None:
+            models.append(loading)
+        return PoolView(self.device_budget, self.host_budget, tuple(models), request)
+
+    def _evict_for(self, request: Request, policy, loading: ModelView | None = None) -> list:
+        """Ask `policy` what to preempt so that `request` fits, check the whole plan against the snapshot (an
+        action it cannot apply raises and nothing changes), then preempt; returns the PreemptionReports."""
+        view = self._view(request, loading)
+        preempts = _check_plan(policy, view, policy.decide(view))
         reports = []
-        while not self._fits(device, host):
-            victims = [n for n, e in self.models.items() if n != name and e.preempted is None]
-            if evict != "lru" or not victims:
-                raise OutOfDeviceMemory(
-                    f"model {name!r} needs {device} device and {host} host bytes; in use: {self._device_used()} "
-                    f"of {self._budget(self.device_budget)} device, {self._host_used()} of "
-                    f"{self._budget(self.host_budget)} host" + ("" if evict == "lru" else "; pass evict='lru'")
-                    + ("" if victims or evict != "lru" else "; nothing left to evict"))
-            victim = victims[0]
-            engine = self.models[victim]
-            to_host = self.host_budget is None or \
-                self._host_used() + host_copy_growth(engine) + host <= self.host_budget
-            weights = "host" if to_host else "disk"
-            log.warning("tidal: evicting %r (weights to %s) to make room for %r", victim, weights, name)
-            reports.append(engine.preempt(weights=weights, kv="swap"))
+        for action in preempts:
+            log.warning("tidal: evicting %r (weights to %s) to make room for %r", action.model, action.weights,
+                        request.model)
+            reports.append(self.models[action.model].preempt(weights=action.weights, kv=action.kv))
+        if not self._fits(request.device_bytes, request.host_bytes):  # the engines freed less than the view said
+            raise OutOfDeviceMemory(
+                f"model {request.model!r} needs {request.device_bytes} device and {request.host_bytes} host bytes; "
+                f"after preempting {[a.model for a in preempts]} {self._device_used()} device and "
+                f"{self._host_used()} host bytes are in use, more than policy {policy!r} was told")
         return reports
 
     def _fits(self, device: int, host: int) -> bool:
         ok_device = self.device_budget is None or self._device_used() + device <= self.device_budget
         ok_host = self.host_budget is None or self._host_used() + host <= self.host_budget
         return ok_device and ok_host
-
-    @staticmethod
-    def _budget(b) -> str:
-        return "unlimited" if b is None else str(b)
 
     def _get(self, name: str) -> Engine:
         try:
@@ -175,6 +209,39 @@ class Runtime:
             raise ConfigError(f"no model named {name!r} (loaded: {list(self.models)})") from None
 
 
-def _check_policy(evict) -> None:
-    if evict not in EVICT_POLICIES:
-        raise ConfigError(f"evict={evict!r} must be None or 'lru'")
+def _state(engine) -> ModelState:
+    p = engine.preempted
+    return ModelState.ACTIVE if p is None else ModelState.preempted_to(p.weights)
+
+
+def _request_counts(engine) -> tuple[int, int]:
+    """(running, waiting): running counts every request admitted and not finished."""
+    waiting = len(engine.waiting)
+    total = engine.num_unfinished
+    return total - waiting, waiting
+
+
+def _check_plan(policy, view: PoolView, actions) -> list[Preempt]:
+    """The plan's Preempts, once every action is known to apply to `view` in order and the last one is the
+    request's own Load or Resume; otherwise a tidal error, before anything has changed."""
+    who = f"policy {policy!r}"
+    if not isinstance(actions, (list, tuple)):
+        raise ConfigError(f"{who} returned {actions!r}, not a list of actions; nothing was changed")
+    actions = list(actions)
+    for action in actions:
+        if not isinstance(action, ACTIONS):
+            raise ConfigError(f"{who} returned {action!r}, not a Preempt, Load or Resume; nothing was changed")
+    want = serve(view)
+    if not actions or actions[-1] != want:
+        raise StateError(f"{who} returned [{', '.join(map(str, actions))}]: the plan must end with {want}; "
+                         "nothing was changed")
+    now = view
+    for i, action in enumerate(actions):
+        if i < len(actions) - 1 and not isinstance(action, Preempt):
+            raise StateError(f"{who}: {action} before {want}; the runtime applies only Preempts there; "
+                             "nothing was changed")
+        try:
+            now = now.apply(action)
+        except (StateError, OutOfDeviceMemory) as exc:
+            raise type(exc)(f"{who}: cannot apply {action}: {exc}; nothing was changed") from None
+    return actions[:-1]

@@ -9,7 +9,7 @@ import torch
 
 from cli_util import run_cli
 from tidal.errors import TransferError
-from tidal.study import compare, profile, schema
+from tidal.study import baseline_decode, compare, emulation, notes, profile, protocol, schema
 
 # A grid smaller than --quick's: both baselines end to end in well under a minute here.
 GRID = ["--quick", "--fractions", "1", "0.5", "--batches", "1", "2", "--output-lengths", "4",
@@ -108,8 +108,8 @@ def test_accelerate_offloads_the_layers_tidal_streams(cache, fraction):
     with Engine.from_pretrained(path, device="cpu", dtype=torch.float32, resident_fraction=fraction,
                                 kv_cache_bytes=1 << 20) as engine:
         streamed = engine.stats().streamed_layers
-    assert streamed and compare.streamed_layers(path, fraction, "cpu", torch.float32) == streamed
-    model, resident = compare.load_baseline(path, "accelerate", fraction, "cpu", torch.float32)
+    assert streamed and baseline_decode.streamed_layers(path, fraction, "cpu", torch.float32) == streamed
+    model, resident = baseline_decode.load_baseline(path, "accelerate", fraction, "cpu", torch.float32)
     layers = model.model.layers
     assert resident == len(layers) - len(streamed)
     for i, layer in enumerate(layers):
@@ -155,7 +155,7 @@ def test_protocol_checks_the_tokens_after_resume(cache):
     from tidal.study import runs
 
     path = presets.resolve("tiny", dtype=torch.float32)
-    proto = compare.Protocol(path, torch.device("cpu"), torch.float32)
+    proto = protocol.Protocol(path, torch.device("cpu"), torch.float32)
     try:
         assert proto.emulated
         proto.start(runs.same_length_prompts(2, 16, proto.model.config.vocab_size))
@@ -188,7 +188,7 @@ def test_interrupted_baseline_leaves_a_valid_partial_comparison(accelerate_run, 
         return copy.deepcopy(tidal_doc)
 
     measured = []
-    real = compare.decode_row
+    real = baseline_decode.decode_row
 
     def interrupt_after_one(*args, **kwargs):
         if measured:
@@ -197,14 +197,14 @@ def test_interrupted_baseline_leaves_a_valid_partial_comparison(accelerate_run, 
         return measured[-1]
 
     monkeypatch.setattr(profile, "run_profile", profiled)
-    monkeypatch.setattr(compare, "decode_row", interrupt_after_one)
+    monkeypatch.setattr(baseline_decode, "decode_row", interrupt_after_one)
     rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
                                str(tmp_path), "--no-progress"] + GRID)
     assert rc == 130
     assert "interrupted at accelerate decode" in stderr and "incomplete" in stdout
     doc = schema.load(tmp_path / compare.COMPARE_FILE)
     assert doc["complete"] is False and doc["interrupted_at"].startswith("accelerate decode: resident 1")
-    note = "; ".join(compare.decode_notes("accelerate", "cpu"))
+    note = "; ".join(notes.decode_notes("accelerate", "cpu"))
     assert [r for r in doc["decode"] if r["system"] == "accelerate"] == [{**m, "note": note} for m in measured]
     assert len([r for r in doc["decode"] if r["system"] == "tidal"]) == len(tidal_doc["decode"])
     assert not [r for r in doc["preemption"] if r["system"] == "transformers"]
@@ -215,7 +215,7 @@ def test_baseline_rows_say_the_emulated_link_is_tidals_alone(accelerate_run, tmp
     from tidal.backends import LinkEmulation
 
     tidal_doc = schema.load(accelerate_run[1] / profile.PROFILE_FILE)
-    tidal_doc["link"] = profile.describe_link(LinkEmulation(1.5))
+    tidal_doc["link"] = emulation.describe_link(LinkEmulation(1.5))
     seen = []
 
     def profiled(*args, link=None, **kwargs):  # tidal's sweep as measured already, through the link asked for
@@ -223,8 +223,8 @@ def test_baseline_rows_say_the_emulated_link_is_tidals_alone(accelerate_run, tmp
         return copy.deepcopy(tidal_doc)
 
     monkeypatch.setattr(profile, "run_profile", profiled)
-    monkeypatch.setattr(compare, "_decode_fractions", lambda settings, baseline: (1.0,))
-    monkeypatch.setattr(compare, "PROTOCOL_TIERS", ("host",))
+    monkeypatch.setattr(baseline_decode, "decode_fractions", lambda settings, baseline: (1.0,))
+    monkeypatch.setattr(protocol, "PROTOCOL_TIERS", ("host",))
     rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", "accelerate", "--link", "1.5", "--out",
                                   str(tmp_path), "--device", "cpu", "--no-progress"] + GRID)
     assert rc == 0, stderr
@@ -260,7 +260,7 @@ def test_interrupted_tidal_sweep_measures_no_baseline(cache, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(profile, "decode_row", interrupt)
-    monkeypatch.setattr(compare, "decode_row", lambda *a, **k: pytest.fail("the baseline ran"))
+    monkeypatch.setattr(baseline_decode, "decode_row", lambda *a, **k: pytest.fail("the baseline ran"))
     rc, stdout, stderr = run_cli(["compare", "tiny", "--baseline", "accelerate", "--device", "cpu", "--out",
                                str(tmp_path), "--no-progress"] + GRID)
     assert rc == 130 and "tidal's rows only" in stderr

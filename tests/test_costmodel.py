@@ -60,13 +60,18 @@ def rel(a, b):
 
 
 def test_module_is_pure_python():
-    tree = ast.parse(Path(costmodel.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+    # the package's modules import the stdlib, each other, and from tidal only errors and modes
+    files = sorted(Path(costmodel.__file__).parent.glob("*.py"))
+    trees = [ast.parse(f.read_text()) for f in files]
+    nodes = [n for tree in trees for n in ast.walk(tree)]
+    imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in nodes
                  if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
-    from_package = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
+    from_package = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 2}
+    siblings = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 1}
     assert imported <= set(sys.stdlib_module_names), imported
-    assert from_package == {"errors"}
+    assert from_package == {"errors", "modes"}
+    assert siblings <= {f.stem for f in files}, siblings
 
 
 def test_noise_free_profile_is_recovered_exactly():
@@ -209,7 +214,7 @@ def test_a_kind_never_measured_raises_naming_it():
     with pytest.raises(ConfigError, match="kv_swap_in"):
         m.predict_resume(1 << 30, 1 << 20)
     with pytest.raises(ConfigError, match="kv_recompute"):
-        m.predict_resume(1 << 30, 0, kv="drop", recompute_tokens=100)
+        m.predict_resume(1 << 30, 0, kv="recompute", recompute_tokens=100)
     with pytest.raises(ConfigError, match="kind"):
         m.predict_transfer("weights_tape_in", 100)
     assert m.predict_resume(1 << 30, 0)["kv"] == 0.0  # no bytes: no transfer to predict
@@ -221,7 +226,7 @@ def test_preempt_and_resume_predictions():
     p = m.predict_preempt(wb, kb, "host", "swap")
     assert rel(p["weights"], true_transfer("weights_host_out", wb)) < 1e-9
     assert rel(p["total"], p["weights"] + true_transfer("kv_swap_out", kb)) < 1e-9
-    assert m.predict_preempt(wb, kb, "disk", "drop") == {"weights": 0.0, "kv": 0.0, "total": 0.0}
+    assert m.predict_preempt(wb, kb, "disk", "recompute") == {"weights": 0.0, "kv": 0.0, "total": 0.0}
 
     step = true_step(24, 8, 1024)
     r = m.predict_resume(wb, kb, "host", "swap", resident_layers=24, batch=8, context=1024)
@@ -233,7 +238,7 @@ def test_preempt_and_resume_predictions():
     assert rel(p["first_token"], kv_in + first + max(step, w_in - first)) < 1e-9
     assert p["first_token"] < r["first_token"] and p["total"] == r["total"]
 
-    d = m.predict_resume(wb, 0, "disk", "drop", recompute_tokens=1000, pipelined=True)
+    d = m.predict_resume(wb, 0, "disk", "recompute", recompute_tokens=1000, pipelined=True)
     rec = true_transfer("kv_recompute", 0, 1000)
     assert rel(d["first_token"], true_transfer("weights_disk_in", wb) + rec) < 1e-9  # disk: not pipelined
     assert m.predict_resume(wb, kb, "keep", "swap", batch=0)["first_token"] is None

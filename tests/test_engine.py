@@ -83,29 +83,30 @@ def test_first_step_logits_within_1e_4(saved, arch, device):
 @pytest.mark.parametrize("mode,host_blocks", [("swap", 64), ("recompute", 64), ("swap", 1)])
 def test_kv_exhaustion_mid_decode_keeps_greedy_output(saved, expected, mode, host_blocks, device):
     """8 blocks of 4 tokens: the three prompts need 3 + 1 + 1 blocks after prefill and 5 + 3 + 4 by the end,
-    so decoding must preempt. A host pool of one block cannot take a swap: the engine recomputes instead."""
+    so requests must be suspended. A host pool of one block cannot take a swap: the engine recomputes instead."""
     _, path = saved["llama"]
     with engine(path, device, kv_cache_bytes=blocks_bytes(path, 8),
                 host_kv_bytes=blocks_bytes(path, host_blocks),
-                preemption=mode) as eng:
+                suspend=mode) as eng:
         assert eng.generate(PROMPTS, max_new_tokens=NEW) == expected["llama"]
         s = eng.stats()
         if mode == "swap" and host_blocks > 1:
-            assert s.swap_outs >= 1 and s.swap_ins == s.swap_outs and s.recomputes == 0 and s.swap_bytes > 0
+            assert s.suspend_swap_outs >= 1 and s.suspend_swap_ins == s.suspend_swap_outs
+            assert s.recomputes == 0 and s.suspend_swap_bytes > 0
         else:
-            assert s.recomputes >= 1 and s.swap_outs == 0
+            assert s.recomputes >= 1 and s.suspend_swap_outs == 0
             assert s.recompute_fallbacks == (s.recomputes if mode == "swap" else 0)
         assert_clean(eng)
 
 
 def test_kv_exhaustion_with_streaming_and_the_triton_kernels(saved, expected, device):
-    """Streamed layers, swap preemption and every Triton kernel (interpreter) in one generation."""
+    """Streamed layers, swap suspension and every Triton kernel (interpreter) in one generation."""
     _, path = saved["qwen2"]
     with engine(path, device, resident_fraction=0.5, kernels="triton",
                 kv_cache_bytes=blocks_bytes(path, 8)) as eng:
         assert eng.stats().kernel_path == ("triton-interpreter" if device == "cpu" else "triton")
         assert eng.generate(PROMPTS, max_new_tokens=NEW) == expected["qwen2"]
-        assert eng.stats().swap_outs >= 1
+        assert eng.stats().suspend_swap_outs >= 1
         assert_clean(eng)
 
 
@@ -220,7 +221,7 @@ def test_bad_prompts_fail_alone(saved, expected, device):
 
 def test_bad_engine_arguments(saved, device):
     _, path = saved["llama"]
-    for kw, match in [({"preemption": "drop"}, "preemption"), ({"kernels": "cuda"}, "kernels"),
+    for kw, match in [({"suspend": "drop"}, "suspend"), ({"kernels": "cuda"}, "kernels"),
                       ({"block_size": 0}, "block_size"), ({"resident_fraction": 2.0}, "resident_fraction"),
                       ({"kv_cache_bytes": 100}, "holds no KV block"), ({"max_batch_size": 0}, "max_batch_size")]:
         with pytest.raises(ConfigError, match=match):

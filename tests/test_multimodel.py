@@ -11,6 +11,7 @@ import tidal
 from hf_models import greedy, make_model
 from tidal.arena import align_up
 from tidal.errors import ConfigError, OutOfDeviceMemory, StateError
+from tidal.policy import Load, ModelState, Preempt, Request, Resume
 
 pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
 
@@ -58,13 +59,13 @@ def check_invariants(rt, models, device):
         weights_device = sum(layout.region_bytes(k) for k in layout.device_keys)
         streamed = layout.layer_bytes * len(placement.plan.streamed_layers)
         kv_host = align_up(max(1, placement.kv.num_host_blocks * placement.kv.block_bytes))  # the KV host pool
-        if s.state == "active":
+        if s.state is ModelState.ACTIVE:
             assert (s.device_bytes, s.host_bytes, s.disk_bytes) == (active.device, active.host, 0)
-        elif "weights=host" in s.state:
+        elif s.state is ModelState.PREEMPTED_HOST:
             assert (s.device_bytes, s.disk_bytes) == (0, 0)
             assert s.host_bytes >= active.host + weights_device  # the parked copy, aligned per region
         else:
-            assert "weights=disk" in s.state
+            assert s.state is ModelState.PREEMPTED_DISK
             assert (s.device_bytes, s.host_bytes, s.disk_bytes) == (0, kv_host, weights_device + streamed)
 
 
@@ -88,7 +89,7 @@ def test_random_sequences_keep_budgets_tiers_and_tokens(models, device):
                 elif op == "generate":
                     assert rt.generate(name, PROMPTS, max_new_tokens=NEW) == models[name][1]
                 elif op == "preempt":
-                    report = rt.preempt(name, weights=rng.choice(["host", "disk"]), kv=rng.choice(["swap", "drop"]))
+                    report = rt.preempt(name, weights=rng.choice(["host", "disk"]), kv=rng.choice(["swap", "recompute"]))
                     assert report.weight_bytes > 0
                 elif op == "resume":
                     report, evicted = rt.resume(name, pipelined=rng.random() < 0.5, evict="lru")
@@ -113,7 +114,7 @@ def test_budget_errors_and_lru_eviction(models, device):
         rt.generate("llama", PROMPTS, max_new_tokens=NEW)  # qwen2 is now the least recently used
         evicted = rt.load("mistral", models["mistral"][0], evict="lru", **kwargs("mistral"))
         assert [r.model for r in evicted] == ["qwen2"]
-        assert rt.status()["qwen2"].state.startswith("preempted") and rt.status()["qwen2"].device_bytes == 0
+        assert rt.status()["qwen2"].preempted and rt.status()["qwen2"].device_bytes == 0
         with pytest.raises(OutOfDeviceMemory):
             rt.resume("qwen2")
         report, evicted = rt.resume("qwen2", evict="lru")
@@ -159,7 +160,83 @@ def test_a_disk_resume_must_fit_its_staging_in_the_host_budget(models, device):
         assert staging >= sum(rt.models["llama"].weights.region_bytes(k) for k in rt.models["llama"].weights.device_keys)
         with pytest.raises(OutOfDeviceMemory, match=f"{staging} host bytes"):
             rt.resume("llama")
-        assert "weights=disk" in rt.status()["llama"].state
+        assert rt.status()["llama"].state is ModelState.PREEMPTED_DISK
         rt.host_budget = size.host + staging
         rt.resume("llama")
         assert rt.generate("llama", PROMPTS, max_new_tokens=NEW) == models["llama"][1]
+
+
+def test_lru_preempts_nothing_when_preempting_everything_would_not_make_room(models, device):
+    sizes = {n: footprints(models, n, device)[0].device for n in SHAPES}
+    with tidal.Runtime(device=device, device_budget_bytes=sizes["llama"] + sizes["qwen2"]) as rt:
+        rt.load("llama", models["llama"][0], **kwargs("llama"))
+        rt.load("qwen2", models["qwen2"][0], **kwargs("qwen2"))
+        before = rt.status()
+        rt.device_budget = sizes["mistral"] - 1
+        with pytest.raises(OutOfDeviceMemory, match=r"preempting every active model \(2\) would not make room"):
+            rt.load("mistral", models["mistral"][0], evict="lru", **kwargs("mistral"))
+        assert rt.status() == before
+
+
+class Scripted:
+    """A policy that returns the plans it was given, one per decision, and keeps the views it was shown."""
+
+    def __init__(self, *plans):
+        self.plans, self.views = list(plans), []
+
+    def decide(self, view):
+        self.views.append(view)
+        return self.plans.pop(0)
+
+    def __repr__(self):
+        return "Scripted()"
+
+
+def test_the_runtime_applies_exactly_the_policys_actions(models, device):
+    room = sum(footprints(models, n, device)[0].device for n in SHAPES)
+    with tidal.Runtime(device=device, device_budget_bytes=room) as rt:  # all fit: LRU would preempt nothing
+        rt.load("llama", models["llama"][0], **kwargs("llama"))
+        rt.load("qwen2", models["qwen2"][0], **kwargs("qwen2"))
+        policy = Scripted([Preempt("llama", "disk"), Preempt("qwen2", "host", "recompute"), Load("mistral")])
+        reports = rt.load("mistral", models["mistral"][0], evict=policy, **kwargs("mistral"))
+        assert [(r.model, r.weights, r.kv) for r in reports] == [("llama", "disk", "swap"),
+                                                                 ("qwen2", "host", "recompute")]
+        need, _ = footprints(models, "mistral", device)
+        (view,) = policy.views
+        assert view.request == Request("mistral", need.device, need.host)
+        assert [(m.name, m.state, m.last_used) for m in view.models] == [
+            ("llama", ModelState.ACTIVE, 0), ("qwen2", ModelState.ACTIVE, 1), ("mistral", ModelState.UNLOADED, 2)]
+        status = rt.status()
+        assert [status[n].state for n in ("llama", "qwen2", "mistral")] == [
+            ModelState.PREEMPTED_DISK, ModelState.PREEMPTED_HOST, ModelState.ACTIVE]
+        assert str(status["llama"]).startswith("preempted (weights=disk, kv=swap): 0 device")
+        check_invariants(rt, models, device)
+        staging = tidal.preemption.staging_bytes(rt.models["llama"])
+        policy = Scripted([Resume("llama")])
+        report, evicted = rt.resume("llama", evict=policy)
+        assert evicted == [] and policy.views[0].model("llama").state is ModelState.PREEMPTED_DISK
+        assert policy.views[0].request.host_bytes >= staging > 0
+        assert rt.generate("llama", PROMPTS, max_new_tokens=NEW) == models["llama"][1]
+
+
+@pytest.mark.parametrize("plan, error, match", [
+    ([Preempt("qwen2"), Preempt("nope"), Load("mistral")], StateError, "no model named 'nope'"),
+    ([Preempt("qwen2"), Preempt("qwen2"), Load("mistral")], StateError, "'qwen2' is not active"),
+    ([Load("mistral")], OutOfDeviceMemory, r"Load\('mistral'\) needs"),
+    ([Preempt("qwen2")], StateError, r"must end with Load\('mistral'\)"),
+    ([Resume("qwen2"), Load("mistral")], StateError, "applies only Preempts"),
+    ([Preempt("llama"), "qwen2", Load("mistral")], ConfigError, "not a Preempt, Load or Resume"),
+    (None, ConfigError, "not a list of actions"),
+])
+def test_an_action_the_runtime_cannot_apply_raises_and_changes_nothing(models, device, plan, error, match):
+    sizes = {n: footprints(models, n, device)[0].device for n in SHAPES}
+    with tidal.Runtime(device=device, device_budget_bytes=sizes["llama"] + sizes["qwen2"]) as rt:
+        rt.load("llama", models["llama"][0], **kwargs("llama"))
+        rt.load("qwen2", models["qwen2"][0], **kwargs("qwen2"))
+        before = rt.status()
+        with pytest.raises(error, match=match) as exc:
+            rt.load("mistral", models["mistral"][0], evict=Scripted(plan), **kwargs("mistral"))
+        assert "nothing was changed" in str(exc.value) and "Scripted()" in str(exc.value)
+        assert rt.status() == before and list(rt.models) == ["llama", "qwen2"]
+        with pytest.raises(ConfigError, match="must be None, 'lru' or a Policy"):
+            rt.load("mistral", models["mistral"][0], evict="mru", **kwargs("mistral"))

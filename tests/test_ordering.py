@@ -267,7 +267,7 @@ def test_resume_passes_the_check_and_the_check_catches_its_missing_waits(small_m
     engine.preempt(weights="host", kv="swap")
     engine.resume(pipelined=True)
     engine.step()
-    engine.preempt(weights="host", kv="drop")  # no KV swap-in, whose wait on compute would cover the copies
+    engine.preempt(weights="host", kv="recompute")  # no KV swap-in, whose wait on compute would cover the copies
 
     be = engine.backend
     copy = be.copy

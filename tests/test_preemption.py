@@ -78,7 +78,7 @@ def assert_adds_up(report):
 
 
 @pytest.mark.parametrize("pipelined", [True, False])
-@pytest.mark.parametrize("kv", ["swap", "drop"])
+@pytest.mark.parametrize("kv", ["swap", "recompute"])
 @pytest.mark.parametrize("weights", ["host", "disk", "keep"])
 def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
     ref, path, want = model
@@ -96,7 +96,7 @@ def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
         assert finish(eng, ids, out) == want
         assert eng.memory() == before
         s = eng.stats()  # resume's swap-in is in its report, not in the engine's own swap counters
-        assert s.swap_outs == s.swap_ins == 0 and s.swap_seconds == 0.0
+        assert s.suspend_swap_outs == s.suspend_swap_ins == 0 and s.suspend_swap_seconds == 0.0
 
         # the exact bytes: KV blocks held x block bytes, and the parameters released from the device
         block_bytes = 2 * 6 * BLOCK * 2 * 16 * 4  # K and V, 6 layers, 2 kv heads, head_dim 16, fp32
@@ -190,7 +190,7 @@ def test_a_copy_that_cannot_be_enqueued_leaves_the_model_preempted(model, device
     _, path, want = model
     with engine(path, device) as eng:
         ids, out = start(eng)
-        eng.preempt(weights="host", kv="drop")
+        eng.preempt(weights="host", kv="recompute")
         real = eng.backend.copy
         calls = []
 

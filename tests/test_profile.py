@@ -13,7 +13,8 @@ import torch
 from cli_util import run_cli
 from tidal.backends import link as L
 from tidal.errors import ConfigError
-from tidal.study import profile, schema
+from tidal.study import costfit, document, emulation, profile, rows, schema
+from tidal.study.settings import ProfileSettings
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_quick_profile_end_to_end(quick, tmp_path):
     schema.save(doc, tmp_path / "again.json")
     assert schema.load(tmp_path / "again.json") == doc == json.loads(path.read_text())
 
-    s = profile.ProfileSettings.quick().replace(max_repeats=3)
+    s = ProfileSettings.quick().replace(max_repeats=3)
     assert doc["settings"] == s.to_dict() and doc["settings"]["quick"] is True
     cells = {(r["resident_fraction"], r["batch"], r["output_tokens"]) for r in doc["decode"]}
     assert cells == set(itertools.product(s.fractions, s.batches, s.output_lengths))
@@ -160,7 +161,7 @@ def test_unwritable_out_dir(cache, tmp_path):
 
 
 def test_settings_are_validated():
-    full = profile.ProfileSettings.full()
+    full = ProfileSettings.full()
     assert {0.0, 0.5, 0.92, 0.98, 1.0} <= set(full.fractions) and len(full.fractions) == 15
     for bad, says in [(dict(fractions=()), "fractions is empty"), (dict(fractions=(-0.1,)), "outside [0, 1]"),
                       (dict(batches=(0,)), "batches"), (dict(output_lengths=(1,)), "output_lengths"),
@@ -179,12 +180,12 @@ def test_settings_are_validated():
 
 
 def _document() -> dict:
-    s = profile.ProfileSettings.quick()
+    s = ProfileSettings.quick()
     machine = dict(device="cpu", device_name="a CPU", cpu_count=2, torch_version="2", torch_threads=1,
                    native="native")
     model = dict(spec="tiny", path="/x", model_type="llama", num_layers=8, layer_bytes=100, top_bytes=10,
                  dtype="float32", kv_bytes_per_token=64, max_positions=2048)
-    doc = profile.new_document(s, machine, model)
+    doc = document.new_document(s, machine, model)
     doc["decode"].append(dict(system="accelerate", resident_fraction=0.5, resident_layers=4, batch=1,
                               prompt_tokens=8, output_tokens=16, decode_seconds=0.1, tokens_per_second=150.0,
                               step_seconds=0.00667, mean_context=16.0, bytes_streamed_per_step=None,
@@ -217,8 +218,8 @@ def test_schema_accepts_a_baseline_row_and_rejects_bad_documents(tmp_path):
     with pytest.raises(ConfigError):
         schema.save(wrong, path)
     assert schema.load(path) == doc and not list(tmp_path.glob(".*.tmp"))
-    (tmp_path / "future.json").write_text(json.dumps(dict(doc, version=3)))
-    with pytest.raises(ConfigError, match="version 3; this tidal reads versions 1 and 2"):
+    (tmp_path / "future.json").write_text(json.dumps(dict(doc, version=4)))
+    with pytest.raises(ConfigError, match="version 4; this tidal reads versions 1 to 3"):
         schema.load(tmp_path / "future.json")
     spread = copy.deepcopy(doc)
     del spread["decode"][0]["tokens_per_second_max"]
@@ -281,14 +282,14 @@ def test_decode_rounds_repeat_while_the_spread_is_wide(monkeypatch, decode_secon
 
 
 def test_a_row_records_the_spread_and_the_cost_model_takes_the_median():
-    row = profile.spread_fields(dict(rounds=4, min_decode_s=0.5, max_decode_s=2.0), batch=2, n=11)
+    row = rows.spread_fields(dict(rounds=4, min_decode_s=0.5, max_decode_s=2.0), batch=2, n=11)
     assert row == dict(repeats=4, decode_seconds_min=0.5, decode_seconds_max=2.0, tokens_per_second_min=10.0,
                        tokens_per_second_max=40.0)
-    assert profile.spread_fields(dict(rounds=3, min_decode_s=-0.01, max_decode_s=1.0), batch=1, n=3)[
+    assert rows.spread_fields(dict(rounds=3, min_decode_s=-0.01, max_decode_s=1.0), batch=1, n=3)[
         "tokens_per_second_max"] is None  # the fastest round's difference was not positive
     doc = _document()
     doc["decode"][0]["system"] = "tidal"
-    (sample,) = profile.decode_samples(doc)
+    (sample,) = costfit.decode_samples(doc)
     assert sample.step_seconds == doc["decode"][0]["step_seconds"]  # the median's, not the min's or max's
 
 
@@ -297,13 +298,28 @@ def test_a_version_1_document_is_read_upgraded():
     raw = json.loads(path.read_text())
     assert raw["version"] == 1 and "link" not in raw
     doc = schema.load(path)
-    assert doc["version"] == schema.VERSION == 2 and doc["link"] is None
+    assert doc["version"] == schema.VERSION == 3 and doc["link"] is None
     assert doc["settings"]["max_repeats"] == raw["settings"]["repeats"]
     for old, new in zip(raw["decode"], doc["decode"]):
         assert new == {**old, "repeats": raw["settings"]["repeats"], "decode_seconds_min": None,
                        "decode_seconds_max": None, "tokens_per_second_min": None, "tokens_per_second_max": None}
+    # the KV mode once called "drop" reads "recompute" (tidal.modes); nothing else in the rows changes
+    assert {r["kv"] for r in raw["preemption"]} == {"swap", "drop"}
+    for old, new in zip(raw["preemption"], doc["preemption"]):
+        assert new == {**old, "kv": "recompute" if old["kv"] == "drop" else old["kv"]}
     before = copy.deepcopy(raw)
-    assert schema.upgrade(raw)["version"] == 2 and raw == before  # a new document; the one given is kept
+    assert schema.upgrade(raw)["version"] == 3 and raw == before  # a new document; the one given is kept
+
+
+def test_a_version_2_document_is_read_upgraded(tmp_path):
+    current = schema.load(Path(__file__).parents[1] / "docs" / "study" / "qwen2.5-0.5b" / "compare.json")
+    old = copy.deepcopy(current)
+    old["version"] = 2
+    for r in old["preemption"]:
+        r["kv"] = "drop" if r["kv"] == "recompute" else r["kv"]
+    assert {r["kv"] for r in old["preemption"]} == {"swap", "drop"}
+    (tmp_path / "v2.json").write_text(json.dumps(old))
+    assert schema.load(tmp_path / "v2.json") == current
 
 
 # -- an emulated link -----------------------------------------------------------------------------------------
@@ -371,8 +387,8 @@ def test_calibrate_link_shares_the_measured_step_by_bytes(cache, monkeypatch):
 
     path = presets.resolve("tiny", dtype=torch.float32)
     placement = Engine.placement(path, device="cpu", dtype=torch.float32)
-    settings = profile.ProfileSettings.quick().replace(output_lengths=(4,), repeats=1)
-    measured = profile.calibrate_link(placement, "a6000-pcie4", settings)  # a real measurement
+    settings = ProfileSettings.quick().replace(output_lengths=(4,), repeats=1)
+    measured = emulation.calibrate_link(placement, "a6000-pcie4", settings)  # a real measurement
     d = measured.derivation
     assert d.target == "a6000-pcie4" and d.ratio == 768 / 25 and d.layer_seconds > 0
     assert measured.gbps == pytest.approx(d.layer_bytes / (d.ratio * d.layer_seconds) / 1e9, rel=1e-12)
@@ -380,7 +396,7 @@ def test_calibrate_link_shares_the_measured_step_by_bytes(cache, monkeypatch):
     real = runs.decode_rounds
     monkeypatch.setattr(runs, "decode_rounds", lambda gens, prompts, n, **kw: {
         name: dict(real(gens, prompts, n, **kw)[name], step_s=0.08) for name in gens})
-    link = profile.calibrate_link(placement, "h100-pcie4", settings)
+    link = emulation.calibrate_link(placement, "h100-pcie4", settings)
     config = json.loads((Path(path) / "config.json").read_text())
     layers, hidden, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
     layer_bytes = 4 * sum(math.prod(t.shape) for name, t in placement.checkpoint.tensors.items()

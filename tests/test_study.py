@@ -10,7 +10,9 @@ from tidal import costmodel
 from tidal.cli import main
 from tidal.backends import LinkEmulation
 from tidal.errors import ConfigError
-from tidal.study import compare, profile, report, schema
+from tidal.study import compare, emulation, report, schema
+from tidal.study.document import new_document
+from tidal.study.settings import ProfileSettings
 
 LAYERS, LAYER_BYTES, TOP_BYTES = 8, 1_000_000, 200_000
 
@@ -44,7 +46,7 @@ def document(spec="m1", half=0.5, step=0.01):
                    native="native")
     model = dict(spec=spec, path="/x", model_type="llama", num_layers=LAYERS, layer_bytes=LAYER_BYTES,
                  top_bytes=TOP_BYTES, dtype="float32", kv_bytes_per_token=1000, max_positions=2048)
-    doc = profile.new_document(profile.ProfileSettings.quick(), machine, model)
+    doc = new_document(ProfileSettings.quick(), machine, model)
     doc["decode"] = [_decode("tidal", 1.0, 100.0), _decode("tidal", 0.5, 100.0 * half),
                      _decode("tidal", 0.0, 20.0), _decode("accelerate", 1.0, 100.0),
                      _decode("accelerate", 0.5, 25.0), _decode("accelerate", 0.0, 10.0)]
@@ -106,7 +108,7 @@ def _fake_compare(monkeypatch, interrupt_on=None):
         calls.append((spec, baseline))
         doc = document(spec)
         if link is not None:
-            doc["link"] = profile.describe_link(LinkEmulation(link))
+            doc["link"] = emulation.describe_link(LinkEmulation(link))
         if spec == interrupt_on:
             doc = copy.deepcopy(doc)
             doc["complete"], doc["interrupted_at"], doc["preemption"] = False, "preemption: host", []

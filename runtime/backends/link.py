@@ -11,7 +11,7 @@ layer's decode on a GPU is memory-bound (every weight read once), so there it ta
 bandwidth, and the copy layer_bytes / link bandwidth: the ratio is HBM GB/s over link GB/s, whatever the
 model. Measured here (the model's decode step, shared by bytes: `layer_seconds_of_step`), the emulated link
 is layer_bytes / (ratio * layer_seconds). Everything in this module is plain arithmetic; the measurement is
-`tidal.study.profile.calibrate_link`.
+`tidal.study.emulation.calibrate_link`.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def parse(text: str, option: str = "--link") -> float | LinkTarget:
 
 def coerce(link, name: str = "link") -> LinkEmulation | None:
     """`link` as a LinkEmulation: None, a LinkEmulation, or a bandwidth in GB/s. A target name needs this
-    machine's layer time first (`LinkEmulation.like`, or `tidal.study.profile.calibrate_link`)."""
+    machine's layer time first (`LinkEmulation.like`, or `tidal.study.emulation.calibrate_link`)."""
     if link is None or isinstance(link, LinkEmulation):
         return link
     if isinstance(link, (str, LinkTarget)):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import link_text, normalised_curves
+
 
 def _pyplot():
     import matplotlib
@@ -42,8 +44,6 @@ def _save(fig, path, **layout) -> Path:
 
 def link_title(link: dict | None) -> str:
     """The title line of an emulated link (a document's `link` section); empty without one."""
-    from .profile import link_text
-
     return "" if link is None else f"\nemulated link: {link_text(link)}"
 
 
@@ -200,9 +200,6 @@ def degradation_figure(docs: list[dict], path, baseline: str | None = None) -> P
     """Write the study's offloading figure to `path`: for each model (one colour), decode tokens/s over its
     all-resident tokens/s against the resident fraction, batch 1 and the longest output measured (the
     published study's one-request protocol); tidal solid, `baseline` dashed on the same normalisation."""
-    from .profile import link_text
-    from .report import normalised_curves
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     try:

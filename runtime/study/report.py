@@ -12,7 +12,7 @@ machine's numbers, tidal's and a baseline's side by side.
    reload and decode at other link bandwidths (a prediction, labelled as one).
 
 The report is computed from the compare documents alone (`render(docs)`), so it can be rebuilt from saved
-JSON without measuring again.
+JSON without measuring again. Its command line is commands.py's.
 """
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ import datetime
 import statistics
 from pathlib import Path
 
+from ..costmodel import CostModel
 from ..errors import ConfigError
+from . import compare
+from .common import link_text, normalised_curves, rows_of, writable_dir
+from .figures import degradation_figure
 
 REPORT_FILE = "REPORT.md"
 DEGRADATION_FIGURE = "degradation.png"
@@ -29,10 +33,6 @@ DEGRADATION_FIGURE = "degradation.png"
 # 13-16 GB/s the study measured host-to-device on Gen4 (PAPER.md)
 WHAT_IF_GBPS = (("the study's measured PCIe Gen4 host-to-device", 14.5), ("PCIe Gen4 x16 (spec)", 31.5),
                 ("PCIe Gen5 x16 (spec)", 63.0))
-
-
-def _rows(doc: dict, section: str, system: str) -> list[dict]:
-    return [r for r in doc[section] if r["system"] == system]
 
 
 def _name(doc: dict) -> str:
@@ -59,28 +59,11 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def _costmodel(doc: dict):
-    from ..costmodel import CostModel
-
     fitted = doc.get("costmodel", {}).get("fitted")
     return CostModel.from_dict(fitted) if fitted else None
 
 
 # -- finding 1 -----------------------------------------------------------------------------------------------
-def normalised_curves(doc: dict, system: str) -> dict[tuple[int, int], list[tuple[float, float, float]]]:
-    """(batch, output tokens) -> [(resident fraction, tokens/s, tokens/s over the all-resident tokens/s)],
-    by fraction. The all-resident reference is tidal's own (both systems are normalised to the same run, so
-    the curves compare in absolute terms too); series without it are left out."""
-    ref = {(r["batch"], r["output_tokens"]): r["tokens_per_second"]
-           for r in _rows(doc, "decode", "tidal") if r["resident_fraction"] == 1.0}
-    out: dict = {}
-    for r in _rows(doc, "decode", system):
-        key = (r["batch"], r["output_tokens"])
-        if key in ref:
-            out.setdefault(key, []).append((r["resident_fraction"], r["tokens_per_second"],
-                                            r["tokens_per_second"] / ref[key]))
-    return {k: sorted(v) for k, v in sorted(out.items())}
-
-
 def _finding_offload(docs: list[dict], baseline: str | None) -> str:
     parts = ["## 1. Offloading slows decode non-linearly, and by model",
              "Decode tokens/s at each resident fraction over tidal's all-resident run of the same batch and "
@@ -142,9 +125,9 @@ def _versus_baseline(docs: list[dict], baseline: str | None) -> str:
     lines = []
     for doc in docs:
         theirs = {(r["resident_fraction"], r["batch"], r["output_tokens"]): r["tokens_per_second"]
-                  for r in _rows(doc, "decode", baseline)}
+                  for r in rows_of(doc, "decode", baseline)}
         ratios = [(r["resident_fraction"], r["tokens_per_second"] / theirs[k])
-                  for r in _rows(doc, "decode", "tidal")
+                  for r in rows_of(doc, "decode", "tidal")
                   if (k := (r["resident_fraction"], r["batch"], r["output_tokens"])) in theirs and theirs[k] > 0]
         if ratios:
             by_f: dict[float, list[float]] = {}
@@ -186,7 +169,7 @@ def _finding_preemption(docs: list[dict]) -> str:
     rows = []
     for doc in docs:
         for system in ("tidal", "transformers"):
-            for r in _rows(doc, "preemption", system):
+            for r in rows_of(doc, "preemption", system):
                 total = r["total_seconds"]
                 base = uninterrupted_seconds(doc, r) if system == "tidal" else None
                 rows.append([_name(doc), system, _case(r), r["batch"], r["context"], _ms(total),
@@ -204,7 +187,7 @@ def _finding_preemption(docs: list[dict]) -> str:
 def _pipelined_effect(docs: list[dict]) -> str:
     lines = []
     for doc in docs:
-        rows = _rows(doc, "preemption", "tidal")
+        rows = rows_of(doc, "preemption", "tidal")
         for full in (r for r in rows if r["weights"] == "host" and r["kv"] == "swap" and not r["pipelined"]):
             pipe = next((r for r in rows if r["weights"] == "host" and r["kv"] == "swap" and r["pipelined"]
                          and r["context"] == full["context"]), None)
@@ -223,9 +206,9 @@ def _pipelined_effect(docs: list[dict]) -> str:
 def _versus_protocol(docs: list[dict]) -> str:
     lines = []
     for doc in docs:
-        ours = {(r["weights"], r["context"]): r for r in _rows(doc, "preemption", "tidal")
+        ours = {(r["weights"], r["context"]): r for r in rows_of(doc, "preemption", "tidal")
                 if r["kv"] == "swap" and not r["pipelined"]}
-        for r in _rows(doc, "preemption", "transformers"):
+        for r in rows_of(doc, "preemption", "transformers"):
             mine = ours.get((r["weights"], r["context"]))
             if mine is None or not mine["total_seconds"]:
                 continue
@@ -237,7 +220,7 @@ def _versus_protocol(docs: list[dict]) -> str:
                          f"({_speed(speedup)}){kv}")
     if not lines:
         return ""
-    notes = sorted({r["note"] for d in docs for r in _rows(d, "preemption", "transformers") if r.get("note")})
+    notes = sorted({r["note"] for d in docs for r in rows_of(d, "preemption", "transformers") if r.get("note")})
     return ("tidal against the transformers user's protocol (`model.to`, KV tensors one by one, "
             "`from_pretrained` for a cold reload), same model, same run:\n\n- " + "\n- ".join(lines)
             + "".join(f"\n\nHow the protocol was measured: {n}." for n in notes))
@@ -248,7 +231,7 @@ def _finding_context_and_links(docs: list[dict]) -> str:
     parts = ["## 3. Context length and link bandwidth amplify data movement"]
     rows = []
     for doc in docs:
-        for r in _rows(doc, "preemption", "tidal"):
+        for r in rows_of(doc, "preemption", "tidal"):
             if r["weights"] == "host" and r["kv"] == "swap" and not r["pipelined"]:
                 total = r["weight_seconds"] + r["kv_seconds"]
                 rows.append([_name(doc), r["batch"], r["context"], f"{r['kv_bytes'] / 1e6:.1f}",
@@ -313,8 +296,6 @@ def render(docs: list[dict], figures: dict[str, str], command: str, baseline: st
     incomplete = [f"{_name(d)} (stopped at {d['interrupted_at']})" for d in docs if not d["complete"]]
     if incomplete:
         head.append("**Incomplete runs:** " + ", ".join(incomplete) + ".")
-    from .profile import link_text
-
     links = [f"{_name(d)}: {link_text(d['link'])}" for d in docs if d.get("link") is not None]
     if links:
         head.append("**Emulated link.** tidal's copies (weight streaming, KV swap, preemption and resume) went "
@@ -349,10 +330,6 @@ def run_study(specs, settings=None, out_dir=".", baseline: str = "accelerate", d
     each model in `specs` into `out_dir`/<model>/, then
     `out_dir`/REPORT.md and its figures. Returns (report path, complete). Ctrl-C stops at once: the models
     measured so far, and the interrupted one's partial rows, still make the report, marked incomplete."""
-    from . import compare
-    from .figures import degradation_figure
-    from .profile import writable_dir
-
     specs = list(specs)
     if not specs:
         raise ConfigError("tidal study: name at least one model (a preset or a checkpoint directory)")
@@ -376,29 +353,3 @@ def run_study(specs, settings=None, out_dir=".", baseline: str = "accelerate", d
     path = out / REPORT_FILE
     path.write_text(render(docs, figures, command, baseline))
     return path, complete
-
-
-def add_parser(subparsers) -> None:
-    """Add `tidal study` to the `tidal` command's subparsers."""
-    from .profile import add_run_arguments
-
-    p = subparsers.add_parser("study", help="profile and compare several models; write a report",
-                              description="Run `tidal compare` on each MODEL and write DIR/REPORT.md: the "
-                              "published study's three findings restated with this machine's numbers.")
-    p.add_argument("models", metavar="MODEL", nargs="+", help="preset names or checkpoint directories")
-    p.add_argument("--baseline", default="accelerate", choices=("accelerate", "transformers"),
-                   help="the decode baseline: accelerate offloading the same layers (default), or transformers "
-                   "all resident; the preemption baseline is always the transformers user's protocol")
-    add_run_arguments(p, "where REPORT.md, its figures and each model's documents go", "out/study")
-    p.set_defaults(func=command)
-
-
-def command(args) -> int:
-    """Run `tidal study`; 0 when complete, 130 when interrupted."""
-    from .profile import link_option, run_options
-
-    settings, dtype = run_options(args)
-    path, complete = run_study(args.models, settings, args.out, args.baseline, device=args.device, dtype=dtype,
-                               progress=not args.no_progress, command=args.command_line, link=link_option(args))
-    print(f"report: {path}")
-    return 0 if complete else 130

@@ -2,8 +2,9 @@
 reading and writing it. A document is written atomically (a temporary file renamed over the old one), so an
 interrupted or killed run leaves either the previous valid document or the new one, never half of one.
 
-Version 2 added the emulated link (`link`) and the spread of decode cells (min and max beside the median);
-a version 1 document is read upgraded (`upgrade`), with what it did not record as null."""
+Version 2 added the emulated link (`link`) and the spread of decode cells (min and max beside the median).
+Version 3 renamed the KV mode "drop" to "recompute" (tidal.modes). Older documents are read upgraded
+(`upgrade`): what they did not record is null, and "drop" reads "recompute"."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 SCHEMA_NAME = "tidal.profile"
-VERSION = 2
+VERSION = 3
 SCHEMA_FILE = Path(__file__).with_name("profile.schema.json")
 
 
@@ -71,10 +72,10 @@ def load(path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     version = doc.get("version") if isinstance(doc, dict) else None
-    if version == 1:
+    if version in (1, 2):
         doc = upgrade(doc)
     elif version not in (None, VERSION):  # a newer writer's document: say so rather than list schema errors
-        raise ConfigError(f"{path}: profile version {version!r}; this tidal reads versions 1 and {VERSION}")
+        raise ConfigError(f"{path}: profile version {version!r}; this tidal reads versions 1 to {VERSION}")
     try:
         validate(doc)
     except ConfigError as exc:
@@ -83,11 +84,18 @@ def load(path) -> dict:
 
 
 def upgrade(doc: dict) -> dict:
-    """A version 1 document as version 2 (a new dict): no emulated link; each decode cell's repeats were
-    exactly `settings.repeats` (version 1 repeated no cell further), and their min and max were not recorded
-    (null). Anything else is left for `validate` to judge."""
+    """A version 1 or 2 document as the current version (a new dict). From version 1: no emulated link; each
+    decode cell's repeats were exactly `settings.repeats` (version 1 repeated no cell further), and their min
+    and max were not recorded (null). From versions 1 and 2: a preemption row's kv "drop" is "recompute".
+    Anything else is left for `validate` to judge."""
     doc = copy.deepcopy(doc)
+    version = doc.get("version")
     doc["version"] = VERSION
+    for row in doc.get("preemption") or ():
+        if isinstance(row, dict) and row.get("kv") == "drop":
+            row["kv"] = "recompute"
+    if version != 1:
+        return doc
     doc.setdefault("link", None)
     settings = doc.get("settings")
     repeats = settings.get("repeats") if isinstance(settings, dict) else None

@@ -1,0 +1,119 @@
+"""The package's import structure: the bookkeeping imports without torch, `import tidal` stays cheap, every
+public name still resolves, and the study's modules import one another one way only."""
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import tidal
+
+RUNTIME = Path(tidal.__file__).parent
+
+
+def _run_without_torch(code: str) -> subprocess.CompletedProcess:
+    # torch (and numpy, which the device side needs too) made unimportable before anything of tidal loads
+    prelude = "import sys\nsys.modules['torch'] = None\nsys.modules['numpy'] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bookkeeping_imports_and_works_without_torch():
+    done = _run_without_torch("""
+        from tidal.costmodel import CostModel, DecodeSample, TransferSample
+        from tidal.kv.allocator import BlockAllocator
+        from tidal.modes import KV_MODES, WEIGHT_MODES, check_modes
+        from tidal.plan import ResidencyPlan
+        from tidal import errors
+
+        link = [TransferSample("kv_swap_in", n, 1e-4 + n / 1e10) for n in (1 << 20, 4 << 20, 16 << 20)]
+        model = CostModel.fit([], link)
+        assert abs(model.predict_transfer("kv_swap_in", 8 << 20) - (1e-4 + (8 << 20) / 1e10)) < 1e-9
+        assert model.predict_preempt(0, 0, "disk", "recompute")["total"] == 0.0
+
+        plan = ResidencyPlan.from_fraction(4, 0.5)
+        assert str(plan) == "ResidencyPlan(2/4 resident: RsRs)", str(plan)
+
+        blocks = BlockAllocator(8, 4)
+        assert blocks.allocate("a", 10) == [0, 1, 2] and blocks.num_free == 5
+        assert blocks.free("a") and blocks.num_free == 8
+
+        assert KV_MODES == ("swap", "recompute") and "host" in WEIGHT_MODES
+        try:
+            check_modes(kv="drop")
+        except errors.ConfigError:
+            pass
+        else:
+            raise AssertionError("kv='drop' accepted")
+        assert "torch" not in {m for m in sys.modules if sys.modules[m] is not None}
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_import_tidal_is_cheap_and_names_resolve_lazily():
+    done = _run_without_torch("""
+        import tidal
+        assert tidal.__version__ and "Engine" in tidal.__all__ and "Engine" in dir(tidal)
+        loaded = sorted(m for m in sys.modules if m.startswith("tidal."))
+        assert loaded == [], loaded
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_every_public_name_still_resolves():
+    import types
+
+    for name in tidal.__all__:
+        assert getattr(tidal, name) is not None, name
+    assert isinstance(tidal.costmodel, types.ModuleType) and isinstance(tidal.presets, types.ModuleType)
+    assert callable(tidal.offload) and not isinstance(tidal.offload, types.ModuleType)  # the function
+    from tidal import Engine, kv
+
+    assert Engine is tidal.Engine and kv.PagedKVCache is tidal.PagedKVCache
+    assert set(kv.__all__) <= set(dir(kv))
+
+
+def _study_imports() -> dict[str, set[str]]:
+    """study module -> the study modules it imports, at module level or inside functions."""
+    study = RUNTIME / "study"
+    names = {f.stem for f in study.glob("*.py")}
+    graph = {}
+    for f in sorted(study.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x import y
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(
+                    "tidal.study"):
+                rest = node.module.removeprefix("tidal.study").lstrip(".")
+                deps |= {rest.split(".")[0]} if rest else {a.name for a in node.names}
+        graph[f.stem] = (deps & names) - {f.stem, "__init__"}
+    return graph
+
+
+def test_study_imports_run_one_way():
+    graph = _study_imports()
+    assert {"profile", "compare", "report", "commands", "common"} <= set(graph)
+    order, done, path = [], set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        path.pop()
+        done.add(m)
+        order.append(m)
+
+    for m in sorted(graph):
+        visit(m)
+    rank = {m: i for i, m in enumerate(order)}
+    assert rank["profile"] < rank["compare"] < rank["report"] < rank["commands"]
