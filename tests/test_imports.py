@@ -117,3 +117,48 @@ def test_study_imports_run_one_way():
         visit(m)
     rank = {m: i for i, m in enumerate(order)}
     assert rank["profile"] < rank["compare"] < rank["report"] < rank["commands"]
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Every module of tidal -> the tidal modules it imports (module level or inside functions)."""
+    mods = {}
+    for f in RUNTIME.rglob("*.py"):
+        parts = list(f.relative_to(RUNTIME).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(["tidal"] + (parts[:-1] if is_pkg else parts))] = (f, is_pkg)
+    graph = {}
+    for name, (f, is_pkg) in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                    base = ".".join(pkg[:len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                deps |= {c for c in [base] + [f"{base}.{a.name}" for a in node.names] if c in mods}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_module_of_tidal_is_in_an_import_cycle():
+    graph = _package_imports()
+    assert {"tidal.engine.engine", "tidal.policy", "tidal.costmodel.model", "tidal.study.report"} <= set(graph)
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m not in done:
+            path.append(m)
+            for d in sorted(graph[m]):
+                visit(d)
+            path.pop()
+            done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    # the check sees edges: the engine imports its batcher, the batcher does not import the engine
+    assert "tidal.engine.batcher" in graph["tidal.engine.engine"]
