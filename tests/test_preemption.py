@@ -105,7 +105,7 @@ def test_round_trip_keeps_greedy_tokens(model, device, weights, kv, pipelined):
             assert pre.kv_bytes == res.kv_bytes == held * block_bytes and pre.kv_swapped_requests == 3
             assert res.recompute_tokens == 0
         else:
-            assert pre.kv_bytes == res.kv_bytes == 0 and pre.kv_dropped_requests == 3
+            assert pre.kv_bytes == res.kv_bytes == 0 and pre.kv_recompute_requests == 3
             assert res.recompute_tokens == sum(len(p) + STEPS_BEFORE for p in PROMPTS)  # prompt + output so far
             assert res.recompute_seconds > 0
         expected_weights = param_bytes(ref, resident) if weights != "keep" else 0
@@ -151,7 +151,7 @@ def test_host_pool_too_small_drops_what_does_not_fit(model, device):
     with engine(path, device, host_kv_bytes=3 * block_bytes) as eng:  # request 0 alone holds 3 blocks
         ids, out = start(eng)
         pre = eng.preempt(weights="host", kv="swap")
-        assert pre.kv_swapped_requests == 1 and pre.kv_dropped_requests == 2
+        assert pre.kv_swapped_requests == 1 and pre.kv_recompute_requests == 2
         eng.resume()
         assert finish(eng, ids, out) == want
 

@@ -139,7 +139,7 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
         model=engine.name, weights=weights, kv=kv, weight_bytes=weight_bytes, weight_seconds=weight_seconds,
         kv_bytes=kv_bytes, kv_seconds=kv_seconds,
         host_copy_reused=host_copy_reused,
-        kv_swapped_requests=len(to_swap), kv_dropped_requests=len(dropped), kv_dropped_tokens=dropped_tokens,
+        kv_swapped_requests=len(to_swap), kv_recompute_requests=len(dropped), kv_recompute_tokens=dropped_tokens,
         device_bytes_released=device_released, host_bytes_released=host_released,
         bookkeeping_seconds=book.seconds, total_seconds=time.perf_counter() - t0)
 

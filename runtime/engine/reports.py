@@ -38,7 +38,7 @@ class PreemptionReport(_Report):
     the device (every mode but "keep"); `weight_seconds`: the copy of them to the host (weights="host"; 0
     for "disk", which copies nothing, and when `host_copy_reused`: an engine built with keep_host_copy holds
     that copy already). `kv_*`: the batched swap of running requests' blocks. Requests the
-    host pool could not take are dropped (`kv_dropped_requests`) and recomputed after resume."""
+    host pool could not take are dropped (`kv_recompute_requests`) and recomputed after resume."""
 
     model: str
     weights: str
@@ -48,8 +48,8 @@ class PreemptionReport(_Report):
     kv_bytes: int
     kv_seconds: float
     kv_swapped_requests: int
-    kv_dropped_requests: int
-    kv_dropped_tokens: int
+    kv_recompute_requests: int
+    kv_recompute_tokens: int
     device_bytes_released: int  # weights + streaming ring + KV pool
     host_bytes_released: int  # weights="disk": the streamed layers' host arena (and a kept host copy)
     bookkeeping_seconds: float
@@ -69,7 +69,7 @@ class PreemptionReport(_Report):
         return (f"preempt {self.model} (weights={self.weights}, kv={self.kv}) in {self.total_seconds * 1e3:.2f} ms: "
                 f"{weights}; "
                 f"{self._line('KV', self.kv_bytes, self.kv_seconds)} ({self.kv_swapped_requests} requests swapped, "
-                f"{self.kv_dropped_requests} dropped); bookkeeping {self.bookkeeping_seconds * 1e3:.2f} ms; "
+                f"{self.kv_recompute_requests} dropped); bookkeeping {self.bookkeeping_seconds * 1e3:.2f} ms; "
                 f"{self.device_bytes_released / 1e6:.1f} MB of device memory released")
 
 

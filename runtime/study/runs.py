@@ -201,9 +201,9 @@ def round_trips(engine, batch: int, context: int, reps: int, warmup: int = 1, pi
             pre, res = round_trip(engine, pipelined=pipelined, weights=weights, kv=kv)
         finally:
             clear(engine, ids)
-        if kv == "swap" and (pre.kv_swapped_requests != batch or pre.kv_dropped_requests):
+        if kv == "swap" and (pre.kv_swapped_requests != batch or pre.kv_recompute_requests):
             raise RuntimeError(f"{label + ' ' if label else ''}batch {batch} x {context}: "
-                               f"{pre.kv_dropped_requests} requests dropped instead of swapped; the host KV "
+                               f"{pre.kv_recompute_requests} requests dropped instead of swapped; the host KV "
                                f"pool is too small")
         if i >= warmup:
             got.append((pre, res))
