@@ -28,7 +28,7 @@ _EXPORTS = {
     "Engine": ".engine", "EngineStats": ".engine", "Footprint": ".engine", "StepOutput": ".engine",
     "GenerationError": ".errors", "PromptError": ".errors",
     "Runtime": ".multimodel", "ModelStatus": ".multimodel",
-    "PreemptionReport": ".preemption", "ResumeReport": ".preemption",
+    "PreemptionReport": ".engine", "ResumeReport": ".engine",
     "BlockAllocator": ".kv", "PagedKVCache": ".kv",
     "OffloadStats": ".offload", "find_decoder_layers": ".offload", "is_offloaded": ".offload",
     "offload": ".offload", "restore": ".offload", "stats": ".offload",

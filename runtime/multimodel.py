@@ -20,7 +20,7 @@ from .backends import resolve_device
 from .engine import Engine
 from .errors import ConfigError, OutOfDeviceMemory, StateError
 from .policy import ACTIONS, ModelState, ModelView, Policy, PoolView, Preempt, Request, resolve, serve
-from .preemption import host_copy_growth, staging_bytes
+from .engine.preemption import host_copy_growth, staging_bytes
 
 log = logging.getLogger("tidal")
 

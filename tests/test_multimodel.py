@@ -144,7 +144,7 @@ def test_host_budget_sends_evictions_to_disk(models, device):
         assert report.weights == "disk" and rt.status()["llama"].disk_bytes > 0
         check_invariants(rt, models, device)
         rt.preempt("qwen2", weights="disk")
-        rt.host_budget += tidal.preemption.staging_bytes(rt.models["llama"])  # room for the disk resume's staging
+        rt.host_budget += tidal.engine.preemption.staging_bytes(rt.models["llama"])  # room for the disk resume's staging
         rt.resume("llama")
         assert rt.generate("llama", PROMPTS, max_new_tokens=NEW) == models["llama"][1]
 
@@ -156,7 +156,7 @@ def test_a_disk_resume_must_fit_its_staging_in_the_host_budget(models, device):
     with tidal.Runtime(device=device, host_budget_bytes=size.host + 4096) as rt:
         rt.load("llama", models["llama"][0], **kwargs("llama"))
         rt.preempt("llama", weights="disk")
-        staging = tidal.preemption.staging_bytes(rt.models["llama"])
+        staging = tidal.engine.preemption.staging_bytes(rt.models["llama"])
         assert staging >= sum(rt.models["llama"].weights.region_bytes(k) for k in rt.models["llama"].weights.device_keys)
         with pytest.raises(OutOfDeviceMemory, match=f"{staging} host bytes"):
             rt.resume("llama")
@@ -211,7 +211,7 @@ def test_the_runtime_applies_exactly_the_policys_actions(models, device):
             ModelState.PREEMPTED_DISK, ModelState.PREEMPTED_HOST, ModelState.ACTIVE]
         assert str(status["llama"]).startswith("preempted (weights=disk, kv=swap): 0 device")
         check_invariants(rt, models, device)
-        staging = tidal.preemption.staging_bytes(rt.models["llama"])
+        staging = tidal.engine.preemption.staging_bytes(rt.models["llama"])
         policy = Scripted([Resume("llama")])
         report, evicted = rt.resume("llama", evict=policy)
         assert evicted == [] and policy.views[0].model("llama").state is ModelState.PREEMPTED_DISK

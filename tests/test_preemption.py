@@ -66,7 +66,7 @@ def assert_adds_up(report):
     sections, or copies the call enqueued and waited for), so none exceeds the total however loaded the
     machine is. `parts_seconds` is the sum of exactly those parts. (How much host time no part measures
     depends on the load, so it is not bounded here.)"""
-    from tidal.preemption import ResumeReport
+    from tidal.engine import ResumeReport
 
     names = ["bookkeeping_seconds", "weight_seconds", "kv_seconds"]
     if isinstance(report, ResumeReport):
