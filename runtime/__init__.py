@@ -36,9 +36,12 @@ _EXPORTS = {
     "modes": ".modes", "policy": ".policy",
     "ModelState": ".policy", "Policy": ".policy", "LruPolicy": ".policy", "NoEviction": ".policy",
     "PoolView": ".policy", "ModelView": ".policy", "Preempt": ".policy", "Load": ".policy", "Resume": ".policy",
+    "Scheduler": ".scheduler", "scheduler": ".scheduler", "ExclusiveScheduling": ".scheduler",
+    "LruScheduling": ".scheduler", "SchedulingPolicy": ".scheduler", "Snapshot": ".scheduler",
+    "ScheduledRequest": ".scheduler", "Step": ".scheduler", "SetResidency": ".scheduler", "Unload": ".scheduler",
     "LayerStreamer": ".streaming", "StepStats": ".streaming", "StreamedLayer": ".streaming",
 }
-_MODULES = {"costmodel", "errors", "native", "presets", "modes", "policy"}
+_MODULES = {"costmodel", "errors", "native", "presets", "modes", "policy", "scheduler"}
 
 __all__ = list(_EXPORTS)
 

@@ -20,6 +20,7 @@ from .backends import resolve_device
 from .engine import Engine
 from .errors import ConfigError, OutOfDeviceMemory, StateError
 from .policy import ACTIONS, ModelState, ModelView, Policy, PoolView, Preempt, Request, resolve, serve
+from .engine import residency
 from .engine.preemption import host_copy_growth, staging_bytes
 
 log = logging.getLogger("tidal")
@@ -133,6 +134,30 @@ class Runtime:
         self.models.move_to_end(name)
         return report, reports
 
+    def set_residency(self, name: str, resident_fraction: float | None = None, resident_layers=None,
+                      device_bytes: int | None = None, *, wait: bool = False):
+        """`Engine.set_residency` on the active model `name`, checked first: the bytes it will hold once the
+        change has landed (`residency.footprint`) must fit the budgets with the other models'. ConfigError
+        for bad arguments, OutOfDeviceMemory naming the numbers; either way nothing changes. Returns the
+        ResidencyReport; the model's active bytes follow."""
+        engine = self._get(name)
+        if engine.preempted is not None:
+            raise StateError(f"model {name!r} is preempted; resume it before changing its residency")
+        plan = residency.new_plan(engine, resident_fraction, resident_layers, device_bytes)
+        now, after = engine.memory(), residency.footprint(engine, plan)
+        for tier, budget, used, mine, need in (
+                ("device", self.device_budget, self._device_used(), now.device, after.device),
+                ("host", self.host_budget, self._host_used(), now.host, after.host)):
+            if budget is not None and need > mine and used - mine + need > budget:
+                raise OutOfDeviceMemory(
+                    f"model {name!r} under {plan} needs {need} {tier} bytes (it holds {mine}); with the other "
+                    f"models' {used - mine} that is {used - mine + need}, over the {tier} budget of {budget}; "
+                    f"nothing was changed")
+        report = engine.set_residency(resident_layers=plan.resident_layers, wait=wait)
+        used = engine.memory()
+        self._active_bytes[name] = (used.device, used.host)
+        return report
+
     def unload(self, name: str) -> None:
         self._get(name).close()
         del self.models[name]
@@ -165,7 +190,12 @@ class Runtime:
     def _host_used(self) -> int:
         return sum(e.memory().host for e in self.models.values())
 
-    def _view(self, request: Request, loading: ModelView | None = None) -> PoolView:
+    def view(self, request: Request | None = None) -> PoolView:
+        """A frozen snapshot of the pool (budgets, every loaded model's state and bytes), as a policy sees it;
+        `request` is the model that needs room, if any."""
+        return self._view(request)
+
+    def _view(self, request: Request | None, loading: ModelView | None = None) -> PoolView:
         """The frozen snapshot a policy decides on; `loading` is the model a load would add."""
         models = []
         for rank, (name, engine) in enumerate(self.models.items()):  # least recently used first

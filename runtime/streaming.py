@@ -21,7 +21,7 @@ import torch
 
 from .arena import TensorSlot
 from .backends import Backend, Event, Stall, Transfer
-from .errors import TidalError
+from .errors import TidalError, TransferError
 from .plan import ResidencyPlan
 
 
@@ -219,6 +219,22 @@ class LayerStreamer:
         if self._step is not None:
             self._step.stats.bookkeeping_seconds += bookkeeping_seconds
             self._step.stats.stall_seconds += stall_seconds
+
+    def retire(self) -> StepStats:
+        """Give the ring back without a blanket synchronize (a live residency change replaces the streamer
+        while promotion copies are in flight): wait for the ring's own copies (a failed prefetch is dropped
+        with its slot), drop the slots, and return the counters of every step so far."""
+        for slot in self.slots:
+            if slot.copy is not None:
+                try:
+                    slot.copy.wait()
+                except TransferError:
+                    pass
+        total = self.summary()[1]
+        self.slots = []
+        self._views.clear()
+        self._dst.clear()
+        return total
 
     def close(self) -> None:
         self.backend.synchronize()

@@ -148,6 +148,10 @@ class LoadedWeights:
     parked: dict | None = None  # key -> host region
     parked_arena: HostArena | None = None
     load_info: LoadInfo | None = None  # the reads of the last load from the checkpoint
+    # Host copies of resident layers that were streamed once (a live residency change, engine/residency.py):
+    # weights never change, so a later demotion streams from them again and copies nothing.
+    spare: dict = dataclasses.field(default_factory=dict)  # layer -> host region
+    copy_arenas: list = dataclasses.field(default_factory=list)  # the arenas demotions copied layers into
 
     def region_bytes(self, key) -> int:
         return self.top_layout[key][2] if key in TOP_REGIONS else self.layer_bytes
@@ -163,7 +167,7 @@ class LoadedWeights:
 
     @property
     def host_bytes(self) -> int:
-        return sum(a.nbytes for a in (self.arena, self.parked_arena) if a is not None)
+        return sum(a.nbytes for a in (self.arena, self.parked_arena, *self.copy_arenas) if a is not None)
 
     def bind(self, key, region: torch.Tensor) -> None:
         """Make `region` the device home of `key` and point the views at it."""
@@ -185,6 +189,15 @@ class LoadedWeights:
             self.layers[i] = None
         return dropped
 
+    def drop_layer_copies(self) -> int:
+        """Release the arenas demotions copied layers into and forget the spare host copies; returns the
+        bytes released. No copy may still use them."""
+        released = sum(a.nbytes for a in self.copy_arenas)
+        for arena in self.copy_arenas:
+            arena.release()
+        self.copy_arenas, self.spare = [], {}
+        return released
+
     def release(self) -> None:
         for name in ("arena", "parked_arena"):
             arena = getattr(self, name)
@@ -192,6 +205,7 @@ class LoadedWeights:
                 arena.release()
                 setattr(self, name, None)
         self.parked = None
+        self.drop_layer_copies()
 
 
 def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype: torch.dtype,

@@ -283,3 +283,17 @@ def test_keep_host_copy_in_the_runtime_needs_no_host_growth(model, device):
         rt.preempt("m", weights="host")  # no room for a second copy; none is needed
         rt.resume("m")
         assert rt.generate("m", PROMPTS, max_new_tokens=NEW) == want
+
+
+def test_a_request_aborted_while_preempted_is_not_swapped_back_in(model, device):
+    """Its KV is freed at the abort; the resume brings back the others alone, and they finish as if alone."""
+    _, path, want = model
+    with engine(path, device) as eng:
+        ids, out = start(eng)
+        pre = eng.preempt(weights="host", kv="swap")
+        assert pre.kv_swapped_requests == len(PROMPTS)
+        assert eng.abort(ids[0])
+        eng.resume()
+        eng.cache.check()
+        assert finish(eng, ids[1:], out) == want[1:]
+        assert eng.cache.device_pool.num_used == 0 and eng.cache.host_pool.num_used == 0

@@ -3,7 +3,8 @@ plan (streamed layers go through `LayerStreamer`), its KV in a `PagedKVCache`, d
 
 This module builds the engine and runs what the batcher (`batcher.py`) decides: `step()` is decode the
 running batch, prefill the admitted one, and hand back the tokens. Placement is in `placement.py`, the
-counters in `stats.py`, a model's preemption and resume in `preemption.py`.
+counters in `stats.py`, a model's preemption and resume in `preemption.py`, live residency changes in
+`residency.py`.
 """
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ import torch
 from .. import native
 from ..backends import make_backend
 from ..config import OffloadConfig
-from ..errors import ConfigError, GenerationError, OutOfDeviceMemory, PromptError, StateError
+from ..errors import ConfigError, GenerationError, OutOfDeviceMemory, PromptError, StateError, TransferError
 from ..kv import PagedKVCache
 from ..model import DecoderModel
 from ..sampling import SamplingParams, sample
 from ..streaming import LayerStreamer, StepStats
-from . import preemption
+from . import preemption, residency
 from .batcher import Batcher
 from .placement import EngineConfig, Footprint, Placement, check_int, place
-from .reports import PreemptionReport, ResumeReport
+from .reports import PreemptionReport, ResidencyReport, ResumeReport
 from .request import Request, StepOutput, token_list
 from .stats import Counters, EngineStats, counter_fields
 
@@ -54,6 +55,8 @@ class Engine:
                                model.config.vocab_size)
         self.capacity = self.batcher.capacity  # tokens the device pool holds
         self._carry: list[StepOutput] = []  # outputs of a step run ahead (by resume()), returned by the next step()
+        self.promotion = None  # a residency.Promotion while the last set_residency's copies may be landing
+        self.retired_streaming = StepStats()  # counters of the streamers set_residency replaced
         self._closed = False
 
     # -- construction ----------------------------------------------------------------------------------------
@@ -190,12 +193,16 @@ class Engine:
             return carried
         produced: dict[int, list[int]] = {}
         self.cache.poll()
-        batch = self.batcher.decode_batch()
-        if batch:
-            self._emit(batch, self._decode(batch), produced)
-        batch = self.batcher.prefill_batch()
-        if batch:
-            self._emit(batch, self._prefill(batch), produced)
+        try:
+            batch = self.batcher.decode_batch()
+            if batch:
+                self._emit(batch, self._decode(batch), produced)
+            batch = self.batcher.prefill_batch()
+            if batch:
+                self._emit(batch, self._prefill(batch), produced)
+        except TransferError:
+            residency.recover(self)  # if a set_residency copy is what failed, those layers stream again
+            raise
         self.counters.steps += 1
         return self.batcher.outputs(produced)
 
@@ -211,6 +218,8 @@ class Engine:
         if not self.batcher.abort(request_id):
             return False
         self._carry = [o for o in self._carry if o.request_id != request_id]
+        if self.preempted is not None and request_id in self.preempted.swapped:
+            self.preempted.swapped.remove(request_id)  # its KV is freed: the resume must not swap it in
         return True
 
     def has_unfinished(self) -> bool:
@@ -313,6 +322,7 @@ class Engine:
         `kv`: "swap" (running requests' blocks to the host pool, in one batched copy) or "recompute" (freed;
         prefilled again after resume). Requests stay queued; `step()` raises StateError until `resume()`."""
         self._check_open()
+        residency.settle(self)  # a change's promotion copies land (or are undone) before anything moves
         return preemption.preempt(self, weights, kv)
 
     def resume(self, pipelined: bool = True) -> ResumeReport:
@@ -322,6 +332,18 @@ class Engine:
         next `step()` returns its outputs. A failed read or copy leaves the model preempted and resumable."""
         self._check_open()
         return preemption.resume(self, pipelined)
+
+    def set_residency(self, resident_fraction: float | None = None, resident_layers=None,
+                      device_bytes: int | None = None, *, wait: bool = False) -> ResidencyReport:
+        """Change which decoder layers live on the device, between steps, with requests in flight; give one of
+        `resident_fraction`, `resident_layers`, `device_bytes` (weights and ring, as `device_budget_bytes`).
+        Demoted layers' device bytes are released before it returns (copied to the host first unless a host
+        copy exists); promoted layers are copied in on the copy queue, and each is read as resident once its
+        own copy has landed, while decoding goes on (`wait=True`: return once they have). Returns a
+        ResidencyReport. ConfigError for bad arguments, StateError while preempted; either, or a failed copy,
+        leaves the old plan in force (residency.py)."""
+        self._check_open()
+        return residency.set_residency(self, resident_fraction, resident_layers, device_bytes, wait)
 
     def memory(self) -> Footprint:
         """Bytes this model holds now on the device, in host memory, and only on disk."""
@@ -338,6 +360,7 @@ class Engine:
         """Counters since the engine was built (waits for the device to resolve stall times)."""
         self._check_open()
         streaming = self.streamer.summary()[1] if self.streamer is not None else StepStats()
+        streaming.add(self.retired_streaming)
         arena = self.weights.arena
         kv = self.cache.config
         return EngineStats(
@@ -359,6 +382,7 @@ class Engine:
             return
         self._closed = True
         try:
+            residency.drain(self)  # promotion copies read host memory released below
             self.cache.close()
             if self.streamer is not None:
                 self.streamer.close()

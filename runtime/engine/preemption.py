@@ -131,6 +131,7 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
                         host_released += arena.nbytes
                         arena.release()
                         setattr(w, name, None)
+                host_released += w.drop_layer_copies()  # copies a live residency change made
                 w.streamed.clear()
                 w.parked = None
             device_released += weight_bytes

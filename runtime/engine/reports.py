@@ -1,8 +1,12 @@
-"""What `Engine.preempt` and `Engine.resume` report: the bytes and seconds of each part, weight traffic apart
-from KV traffic (torch-free)."""
+"""What `Engine.preempt`, `Engine.resume` and `Engine.set_residency` report: the bytes and seconds of each
+part, weight traffic apart from KV traffic (torch-free)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    from ..plan import ResidencyPlan
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -117,3 +121,51 @@ class ResumeReport(_Report):
                 f"{self.recompute_seconds * 1e3:.2f} ms; first step {self.first_step_seconds * 1e3:.2f} ms "
                 f"(overlap {self.overlap_seconds * 1e3:.2f} ms); bookkeeping {self.bookkeeping_seconds * 1e3:.2f} ms; "
                 f"first layer {ttfl}, first token {ttft}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidencyReport:
+    """What `Engine.set_residency` changed and what it cost. `promoted`: layers made resident (copied host to
+    device, `to_device_bytes`); `demoted`: layers now streamed, whose device bytes were released
+    (`to_host_bytes` of them copied to the host first: a layer with a host copy already copies nothing).
+    `to_host_seconds`: the demotion copy, on the copy queue. `to_device_seconds`: the promotion copies on the
+    copy queue, or None when the call returned with them still in flight (`wait=False`: decoding goes on
+    while they land). `device_bytes_before/after`: the engine's device footprint (weights, ring, KV pool)."""
+
+    model: str
+    old_plan: ResidencyPlan
+    new_plan: ResidencyPlan
+    promoted: tuple[int, ...]
+    demoted: tuple[int, ...]
+    to_device_bytes: int
+    to_host_bytes: int
+    to_device_seconds: float | None
+    to_host_seconds: float
+    ring_bytes_before: int
+    ring_bytes_after: int
+    device_bytes_before: int
+    device_bytes_after: int
+    total_seconds: float
+
+    @property
+    def to_device_gbps(self) -> float | None:
+        return None if self.to_device_seconds is None else _gbps(self.to_device_bytes, self.to_device_seconds)
+
+    @property
+    def to_host_gbps(self) -> float:
+        return _gbps(self.to_host_bytes, self.to_host_seconds)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(old_plan=str(self.old_plan), new_plan=str(self.new_plan), to_device_gbps=self.to_device_gbps,
+                 to_host_gbps=self.to_host_gbps)
+        return d
+
+    def __str__(self) -> str:
+        up = ("in flight" if self.to_device_seconds is None else
+              f"in {self.to_device_seconds * 1e3:.2f} ms ({self.to_device_gbps:.2f} GB/s)")
+        return (f"residency of {self.model}: {self.old_plan} -> {self.new_plan} in {self.total_seconds * 1e3:.2f} ms; "
+                f"promoted {list(self.promoted)} ({self.to_device_bytes / 1e6:.1f} MB to the device {up}); demoted "
+                f"{list(self.demoted)} ({self.to_host_bytes / 1e6:.1f} MB to the host in "
+                f"{self.to_host_seconds * 1e3:.2f} ms, {self.to_host_gbps:.2f} GB/s); device "
+                f"{self.device_bytes_before / 1e6:.1f} -> {self.device_bytes_after / 1e6:.1f} MB")

@@ -28,6 +28,9 @@ class Counters:
     suspend_swap_seconds: float = 0.0
     recomputes: int = 0  # requests whose KV was freed, to be prefilled again (suspended, or a preemption's)
     recompute_fallbacks: int = 0  # suspend="swap" suspensions that had to recompute: the host pool was full
+    residency_changes: int = 0  # Engine.set_residency calls that moved layers
+    residency_to_device_bytes: int = 0  # promoted layers copied in
+    residency_to_host_bytes: int = 0  # demoted layers copied out (those with no host copy yet)
 
 
 # Counters that EngineStats reports (all of them but the prefill seconds, which resume reports as recompute time)
@@ -65,6 +68,9 @@ class EngineStats:
     suspend_swap_seconds: float  # the suspensions' swap-outs and swap-ins; preempt()/resume() report their own
     recomputes: int
     recompute_fallbacks: int  # suspend="swap" suspensions that had to recompute: the host pool was full
+    residency_changes: int
+    residency_to_device_bytes: int
+    residency_to_host_bytes: int
     streaming: StepStats
 
     @property

@@ -1,0 +1,255 @@
+"""tidal.Scheduler's policies side by side on a live workload, on this machine (issue 14).
+
+    .venv/bin/python bench/scheduler_bench.py --out DIR [--policies exclusive,lru,cost] [--workloads copay,nopay]
+        [--duration S] [--rate R] [--seed N] [--link TARGET|GBPS] [--quick]
+
+Per workload (bench/scheduler_workload.py): three random-weight fp32 Llama checkpoints of different sizes
+(`tidal.presets.build`, cached), a device budget that cannot hold all three, and one arrival trace drawn once
+from a seeded numpy Generator: Poisson arrivals at `--rate` per second for `--duration` s, each request's model
+by Zipf popularity, prompt and output lengths uniform. Every policy runs the same trace, live: the scheduler's
+loop in its thread (`sched.start()`) and a feeder thread submitting each request at its timestamp (wall clock,
+not a tick-driven replay), then up to max(30 s, duration) for the rest to finish (an unfinished request misses
+its SLOs). All engines run on the CPU backend behind one emulated host<->device link (`--link`: a target of
+`tidal.backends.link.TARGETS`, calibrated by `tidal.study.emulation.calibrate_link` on the workload's largest
+model, or GB/s), one torch thread.
+
+Per policy: p50/p99 TTFT and TPOT (TPOT: (last token - first token) / (tokens - 1) per request), SLO attainment
+(requests meeting both of their model's SLOs / requests), goodput (those per second of the run's span, first
+arrival to last finish), throughput, switches (Preempt/Resume/Load in the trace), residency changes
+(SetResidency) and bytes moved (the Runtime's preempt/resume reports, load bytes, the engines' residency and
+streaming counters). Writes DIR/scheduler.json and DIR/scheduler.png (per policy a timeline of where each model
+is, and the TTFT/TPOT CDFs). A policy `tidal.scheduler` does not resolve is reported "not available". For the
+`cost` policy, when it resolves, each model's profile.json is made first with `tidal profile DIR --quick --link`
+(in DIR/profiles/) and passed as its cost_model with the SLOs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scheduler_workload as W  # noqa: E402
+
+import tidal  # noqa: E402
+
+METRICS = ("requests", "finished", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "slo_attainment",
+           "goodput_rps", "throughput_rps", "throughput_tok_s", "switches", "residency_changes", "bytes_moved")
+
+
+def profile_for(path, link, out: Path, log) -> str | None:
+    """DIR/profiles/<checkpoint>/profile.json for the cost policy, made with `tidal profile --quick` behind the
+    same link (reused when present); None when it fails or takes over 10 minutes."""
+    dest = out / "profiles" / Path(path).name
+    if (dest / "profile.json").is_file():
+        return str(dest / "profile.json")
+    cmd = [sys.executable, "-m", "tidal", "profile", str(path), "--quick", "--device", "cpu", "--dtype", "float32",
+           "--link", f"{link.gbps:.6g}", "--threads", "1", "--no-progress", "--out", str(dest)]
+    log(f"profiling for the cost policy: {' '.join(cmd)}")
+    try:
+        subprocess.run(cmd, check=True, timeout=600, capture_output=True)
+    except (subprocess.SubprocessError, OSError) as exc:
+        log(f"  profile failed: {exc!r}")
+        return None
+    return str(dest / "profile.json")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    kw = W.engine_kwargs(args.quick)
+    policies = [p for p in args.policies.split(",") if p]
+    doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
+                       "torch": torch.__version__, "torch_threads": 1, "device": "cpu (no GPU)"},
+           "arrivals": "feeder thread, wall clock, while the loop runs in its thread (sched.start())",
+           "settings": {"duration_s": args.duration, "rate_rps": args.rate, "seed": args.seed, "link": args.link,
+                        "quick": args.quick, "engine": {k: str(v) for k, v in kw.items()}},
+           "workloads": {}}
+    for wname in args.workloads.split(","):
+        w = W.workloads(args.quick)[wname]
+        paths = W.build_models(w)
+        big = max(w.models, key=lambda m: m.preset.param_count())
+        link = W.make_link(args.link, paths[big.name], kw)
+        log(f"[{wname}] link: {link.gbps:.4g} GB/s ({link.label})")
+        foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
+        budget = int(w.budget_of_sum * sum(foot.values()))
+        assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
+        trace = W.arrivals(w, args.duration, args.rate, args.seed)
+        wdoc = {**w.describe(), "link": {"gbps": link.gbps, "label": link.label, "target": args.link},
+                "device_bytes": foot, "device_budget_bytes": budget,
+                "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
+                             for a in trace], "policies": {}}
+        for policy in policies:
+            why = W.policy_available(policy)
+            if why:
+                log(f"[{wname}] {policy}: {why}")
+                wdoc["policies"][policy] = {"available": False, "why": why}
+                continue
+            costs = None
+            if policy == "cost":
+                costs = {m.name: profile_for(paths[m.name], link, out, log) for m in w.models}
+            log(f"[{wname}] {policy}: {len(trace)} requests over {args.duration} s, budget {budget / 2**20:.1f} MiB "
+                f"of {sum(foot.values()) / 2**20:.1f}")
+            t = time.monotonic()
+            res = W.run_policy(policy, w, paths, kw, link, budget, trace, max(30.0, args.duration), costs)
+            res["available"], res["wall_s"] = True, round(time.monotonic() - t, 1)
+            if costs is not None:
+                res["cost_models"] = costs
+            wdoc["policies"][policy] = res
+            log(f"  {summary_line(res)}")
+        doc["workloads"][wname] = wdoc
+    (out / "scheduler.json").write_text(json.dumps(doc, indent=1))
+    figure(doc, out / "scheduler.png")
+    for line in table(doc):
+        print(line)
+    return doc
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _f(x, scale=1.0, digits=3):
+    return "-" if x is None else f"{x * scale:.{digits}g}"
+
+
+def summary_line(r: dict) -> str:
+    s = r["switches"]
+    return (f"SLO {_f(r['slo_attainment'])}, goodput {_f(r['goodput_rps'])}/s, TTFT p50/p99 "
+            f"{_f(r['ttft_p50_s'])}/{_f(r['ttft_p99_s'])} s, TPOT p50/p99 {_f(r['tpot_p50_s'], 1e3)}/"
+            f"{_f(r['tpot_p99_s'], 1e3)} ms, {r['finished']}/{r['requests']} done, switches P/R/L "
+            f"{s['Preempt']}/{s['Resume']}/{s['Load']}, residency {r['residency_changes']}, moved "
+            f"{r['bytes_moved']['total_switching'] / 2**20:.0f} MiB (+{r['bytes_moved']['streamed'] / 2**20:.0f} "
+            f"MiB streamed){'; ERROR ' + r['error'] if r.get('error') else ''}")
+
+
+def table(doc: dict) -> list[str]:
+    lines = ["| workload | policy | SLO attainment | goodput req/s | throughput req/s (tok/s) | TTFT p50 / p99 s | "
+             "TPOT p50 / p99 ms | done | preempt / resume / load | residency changes | MiB moved (+streamed) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for wname, w in doc["workloads"].items():
+        for p, r in w["policies"].items():
+            if not r["available"]:
+                lines.append(f"| {wname} | {p} | not available | | | | | | | | |")
+                continue
+            s, b = r["switches"], r["bytes_moved"]
+            lines.append(
+                f"| {wname} | {p} | {_f(r['slo_attainment'])} | {_f(r['goodput_rps'])} | {_f(r['throughput_rps'])} "
+                f"({_f(r['throughput_tok_s'])}) | {_f(r['ttft_p50_s'])} / {_f(r['ttft_p99_s'])} | "
+                f"{_f(r['tpot_p50_s'], 1e3)} / {_f(r['tpot_p99_s'], 1e3)} | {r['finished']}/{r['requests']} | "
+                f"{s['Preempt']} / {s['Resume']} / {s['Load']} | {r['residency_changes']} | "
+                f"{b['total_switching'] / 2**20:.0f} (+{b['streamed'] / 2**20:.0f}) |")
+    return lines
+
+
+COLORS = {"active": "tab:green", "host": "tab:orange", "disk": "tab:red"}
+
+
+def segments(r: dict, models) -> dict:
+    """Per model: [(start, end, state, fraction)] from the trace (times on the arrival clock)."""
+    off, end = r["trace_offset_s"], r["span_s"]
+    out, cur = {m: [] for m in models}, {m: None for m in models}
+    for e in r["trace"]:
+        t, m, a = e["time"] - off, e["model"], e["action"]
+        state = {"Load": ("active", 1.0), "Resume": ("active", 1.0), "Unload": None,
+                 "Preempt": (e["args"].get("weights"), 1.0),
+                 "SetResidency": ("active", e["args"].get("fraction", 1.0))}.get(a, cur[m] and cur[m][1:])
+        if cur[m] is not None:
+            out[m].append((cur[m][0], t, *cur[m][1:]))
+        cur[m] = None if state is None else (t, *state)
+    for m in models:
+        if cur[m] is not None:
+            out[m].append((cur[m][0], end, *cur[m][1:]))
+    return out
+
+
+def figure(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [(wn, p, r) for wn, w in doc["workloads"].items() for p, r in w["policies"].items() if r["available"]]
+    nw = len(doc["workloads"])
+    fig = plt.figure(figsize=(14, 1.6 * max(1, len(rows)) + 3.2 * nw))
+    gs = fig.add_gridspec(len(rows) + nw, 2, height_ratios=[1.6] * len(rows) + [3.2] * nw)
+    for i, (wn, p, r) in enumerate(rows):
+        ax = fig.add_subplot(gs[i, :])
+        models = [m["name"] for m in doc["workloads"][wn]["models"]]
+        for j, m in enumerate(models):
+            for a, b, state, frac in segments(r, models)[m]:
+                ax.broken_barh([(a, max(b - a, 1e-3))], (j - 0.4, 0.8), color=COLORS.get(state, "grey"),
+                               alpha=0.35 + 0.55 * frac)
+            steps = r["step_times"].get(m, [])
+            ax.plot(np.array(steps) - r["trace_offset_s"], [j] * len(steps), "|", color="k", ms=6, alpha=0.3,
+                    rasterized=True)
+        arr = doc["workloads"][wn]["arrivals"]
+        ax.plot([a["t"] for a in arr], [models.index(a["model"]) + 0.45 for a in arr], "v", color="tab:blue",
+                ms=3)
+        ax.set_yticks(range(len(models)), models)
+        ax.set_ylim(-0.6, len(models) - 0.4)
+        ax.set_title(f"{wn} / {p}: green active (lighter: partly resident), orange preempted to host, red to "
+                     f"disk; | steps, v arrivals; SLO attainment {_f(r['slo_attainment'])}", fontsize=8,
+                     loc="left")
+        if i == len(rows) - 1:
+            ax.set_xlabel("seconds since the first arrival could come")
+    for k, wn in enumerate(doc["workloads"]):
+        for c, (key, label) in enumerate((("ttft_s", "TTFT (s)"), ("tpot_s", "TPOT (s)"))):
+            ax = fig.add_subplot(gs[len(rows) + k, c])
+            for p, r in doc["workloads"][wn]["policies"].items():
+                if not r["available"]:
+                    continue
+                xs = np.sort([q[key] for q in r["requests_detail"] if q[key] is not None])
+                if len(xs):
+                    ax.step(xs, np.arange(1, len(xs) + 1) / len(r["requests_detail"]), where="post", label=p)
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1)
+            ax.set_xlabel(label)
+            ax.set_ylabel("fraction of requests")
+            ax.set_title(f"{wn}: CDF of {label} (unfinished requests never reach 1)", fontsize=9)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"tidal.Scheduler, {doc['date']}, {doc['machine']['nproc']}-core CPU, link {doc['settings']['link']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--policies", default="exclusive,lru,cost")
+    ap.add_argument("--workloads", default="copay,nopay")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per policy (default 40, "
+                    "--quick 3)")
+    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 3, --quick 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--link", default="a6000-pcie4", help="a link target (tidal.backends.link.TARGETS) or GB/s")
+    ap.add_argument("--quick", action="store_true", help="tiny models, 3 s of arrivals: a smoke run")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 40.0)
+    args.rate = args.rate if args.rate is not None else (4.0 if args.quick else 3.0)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

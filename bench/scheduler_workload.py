@@ -1,0 +1,253 @@
+"""The workloads of bench/scheduler_bench.py (issue 14): models, budgets, SLOs, the arrival trace, one live
+run of one policy, and its metrics. See that script's docstring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import threading
+import time
+
+import numpy as np
+import torch
+
+import tidal
+from tidal.errors import ConfigError
+from tidal.presets import Preset, build
+
+COMMON = dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=512,
+              rms_norm_eps=1e-5)
+
+
+def shape(name, hidden, layers, vocab, inter=None, heads=None):
+    heads = heads or max(2, hidden // 32)
+    return Preset(name, hidden_size=hidden, intermediate_size=inter or 3 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=vocab, **COMMON)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    preset: Preset
+    slo_ttft_s: float
+    slo_tpot_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """3 models (Zipf rank = list order: the first is the most popular), a device budget as a fraction of the
+    sum of their all-resident footprints, the Zipf exponent, prompt/output lengths (uniform, inclusive)."""
+
+    name: str
+    what: str
+    models: tuple
+    budget_of_sum: float
+    zipf_s: float
+    prompt_len: tuple = (4, 24)
+    output_len: tuple = (8, 32)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "what": self.what, "budget_of_sum": self.budget_of_sum, "zipf_s": self.zipf_s,
+                "prompt_len_uniform": list(self.prompt_len), "output_len_uniform": list(self.output_len),
+                "models": [{"name": m.name, "hidden": m.preset.hidden_size, "layers": m.preset.num_hidden_layers,
+                            "intermediate": m.preset.intermediate_size, "vocab": m.preset.vocab_size,
+                            "params_M": round(m.preset.param_count() / 1e6, 2), "slo_ttft_s": m.slo_ttft_s,
+                            "slo_tpot_s": m.slo_tpot_s} for m in self.models]}
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    if quick:  # seconds on a CPU: tiny shapes, loose SLOs
+        s = lambda n, h, l: shape(f"sb-quick-{n}", h, l, 256)  # noqa: E731
+        ms = (Model("a", s("a", 64, 4), 2.0, 0.5), Model("b", s("b", 64, 3), 2.0, 0.5), Model("c", s("c", 64, 2), 2.0, 0.5))
+        return {"copay": Workload("copay", "quick smoke", ms, 0.75, 0.6, (3, 8), (3, 8)),
+                "nopay": Workload("nopay", "quick smoke", ms[::-1], 0.5, 1.2, (3, 8), (3, 8))}
+    big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # noqa: E731  # the `tiny` preset's layer: 3.15 MB fp32
+    copay = Workload(
+        "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.6), switching "
+                 "often; a whole-model reload costs tens of decode steps over the link, a few streamed layers "
+                 "of a model that keeps most of them resident cost less",
+        (Model("L12", big("L12", 12), 1.5, 0.10), Model("L10", big("L10", 10), 1.5, 0.10),
+         Model("L8", big("L8", 8), 1.5, 0.10)), 0.8, 0.6)
+    nopay = Workload(
+        "nopay", "co-residency should not pay: a small, popular model (Zipf s=1.2, rank 1) whose decode "
+                 "collapses when any of its layers streams behind the link, and two larger, rarer ones; the "
+                 "budget holds the largest and the small one",
+        (Model("S4", shape("sb-S4", 128, 4, 512), 1.0, 0.03), Model("L12", big("L12", 12), 2.0, 0.10),
+         Model("L8", big("L8", 8), 2.0, 0.10)), 0.62, 1.2)
+    return {"copay": copay, "nopay": nopay}
+
+
+def engine_kwargs(quick: bool) -> dict:
+    kv = 1 << 20 if quick else 1 << 22
+    return dict(dtype=torch.float32, kv_cache_bytes=kv, host_kv_bytes=kv, block_size=8, kernels="reference",
+                max_batch_size=8)
+
+
+def build_models(w: Workload, cache_dir=None) -> dict:
+    return {m.name: build(m.preset, torch.float32, cache_dir=cache_dir, seed=i, log=lambda s: None)
+            for i, m in enumerate(w.models)}
+
+
+def make_link(spec: str, path, kw: dict):
+    """`spec` GB/s, or a target calibrated on the model at `path` (tidal.study.emulation.calibrate_link)."""
+    try:
+        return tidal.backends.LinkEmulation(float(spec), f"{float(spec):g} GB/s")
+    except ValueError:
+        from tidal.study.emulation import calibrate_link
+        return calibrate_link(tidal.Engine.placement(path, device="cpu", **kw), spec)
+
+
+def arrivals(w: Workload, duration: float, rate: float, seed: int) -> list[dict]:
+    """Poisson arrivals at `rate` per second for `duration` s; model by Zipf(s) over the list order; prompt
+    tokens uniform over the model's vocabulary; lengths uniform. One numpy Generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, len(w.models) + 1) ** w.zipf_s
+    p /= p.sum()
+    out, t = [], 0.0
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t >= duration:
+            return out
+        m = w.models[rng.choice(len(w.models), p=p)]
+        n = int(rng.integers(w.prompt_len[0], w.prompt_len[1] + 1))
+        out.append({"t": round(t, 4), "model": m.name, "max_new_tokens": int(rng.integers(w.output_len[0], w.output_len[1] + 1)),
+                    "prompt": rng.integers(0, m.preset.vocab_size, n).tolist()})
+
+
+class RecordingRuntime(tidal.Runtime):
+    """A Runtime that keeps the reports of every preempt, resume, load and residency change the loop applies."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.reports: list = []
+        self.loads: dict[str, int] = {}
+
+    def preempt(self, name, weights="host", kv="swap"):
+        r = super().preempt(name, weights=weights, kv=kv)
+        self.reports.append(r)
+        return r
+
+    def resume(self, name, pipelined=True, evict=None):
+        r, ev = super().resume(name, pipelined=pipelined, evict=evict)
+        self.reports += [r, *ev]
+        return r, ev
+
+    def load(self, name, path, evict=None, **kw):
+        ev = super().load(name, path, evict=evict, **kw)
+        self.reports += ev
+        self.loads[name] = self.loads.get(name, 0) + self.models[name].stats().load.bytes
+        return ev
+
+    def set_residency(self, name, *a, **k):
+        r = super().set_residency(name, *a, **k)
+        self.reports.append(r)
+        return r
+
+
+def policy_available(policy: str) -> str | None:
+    """None when `tidal.scheduler` resolves `policy`, else why not."""
+    try:
+        tidal.scheduler.resolve(policy)
+        return None
+    except ConfigError as exc:
+        return f"not available: {exc}"
+
+
+def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: int, trace: list,
+               drain_s: float, cost_models: dict | None = None) -> dict:
+    """One live run: the scheduler's loop in its thread (`sched.start()`), a feeder thread submitting each
+    arrival at its timestamp, then up to `drain_s` for the rest to finish."""
+    rt = RecordingRuntime(device="cpu", device_budget_bytes=budget)
+    sched = tidal.Scheduler(rt, policy=policy)
+    params = inspect.signature(sched.add_model).parameters
+    for m in w.models:
+        extra = {}
+        if "slo_ttft_s" in params:  # the cost policy's inputs, where the scheduler takes them
+            extra = dict(slo_ttft_s=m.slo_ttft_s, slo_tpot_s=m.slo_tpot_s)
+            if cost_models and cost_models.get(m.name) is not None:
+                extra["cost_model"] = cost_models[m.name]
+        sched.add_model(m.name, paths[m.name], link=link, **kw, **extra)
+    reqs: list = []
+    t0 = time.monotonic()
+
+    def feed():
+        for a in trace:
+            delay = t0 + a["t"] - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            reqs.append((a, sched.submit(a["model"], a["prompt"], max_new_tokens=a["max_new_tokens"])))
+
+    error = None
+    with rt:
+        sched.start()
+        feeder = threading.Thread(target=feed, name="feeder")
+        feeder.start()
+        feeder.join()
+        deadline = time.monotonic() + drain_s
+        for _, r in reqs:
+            if not r._done.wait(max(0.0, deadline - time.monotonic())):
+                break
+        try:
+            sched.stop()
+        except Exception as exc:  # noqa: BLE001  # reported, not raised: the other policies still run
+            error = repr(exc)
+        stats = {name: e.stats() for name, e in rt.models.items()}
+        result = metrics(w, reqs, sched.trace, rt, stats, t0)
+        result["trace_offset_s"] = round(t0 - getattr(sched, "_t0", t0), 4)  # trace time minus arrival time
+    result["error"] = error
+    return result
+
+
+def _pct(xs, q):
+    return None if not xs else float(np.percentile(xs, q))
+
+
+def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
+    slo = {m.name: m for m in w.models}
+    rows, ttft, tpot, met, tokens = [], [], [], 0, 0
+    end = t0
+    for a, r in reqs:
+        n = len(r.output_ids)
+        tokens += n
+        f = r.first_token_at - r.submitted_at if r.first_token_at is not None else None
+        p = (r.token_times[-1] - r.first_token_at) / (n - 1) if n > 1 else (0.0 if n else None)
+        ok = r.done and r.error is None and f is not None and f <= slo[a["model"]].slo_ttft_s and \
+            p <= slo[a["model"]].slo_tpot_s
+        met += ok
+        if f is not None:
+            ttft.append(f)
+            tpot.append(p)
+        end = max(end, r.finished_at or time.monotonic())
+        rows.append({"model": a["model"], "arrival_s": a["t"], "ttft_s": f, "tpot_s": p, "tokens": n,
+                     "done": r.done, "finish_reason": r.finish_reason, "slo_met": bool(ok)})
+    span = max(end - t0, 1e-9)
+    kinds = [e["action"] for e in trace]
+    moved = {"preempt_weight": 0, "preempt_kv": 0, "resume_disk": 0, "resume_weight": 0, "resume_kv": 0,
+             "residency": 0, "load": sum(rt.loads.values())}
+    for r in rt.reports:
+        kind = type(r).__name__
+        if kind == "PreemptionReport":
+            moved["preempt_weight"] += r.weight_bytes
+            moved["preempt_kv"] += r.kv_bytes
+        elif kind == "ResumeReport":
+            moved["resume_disk"] += r.disk_bytes
+            moved["resume_weight"] += r.weight_bytes
+            moved["resume_kv"] += r.kv_bytes
+    moved["residency"] = sum(s.residency_to_device_bytes + s.residency_to_host_bytes for s in stats.values())
+    moved["streamed"] = sum(s.bytes_streamed for s in stats.values())
+    moved["total_switching"] = sum(v for k, v in moved.items() if k != "streamed")
+    n = len(reqs)
+    return {
+        "requests": n, "finished": sum(r.done and r.error is None for _, r in reqs), "span_s": round(span, 3),
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "slo_attainment": met / n if n else None, "goodput_rps": met / span,
+        "throughput_rps": sum(r.done for _, r in reqs) / span, "throughput_tok_s": tokens / span,
+        "switches": {k: kinds.count(k) for k in ("Preempt", "Resume", "Load", "Unload")},
+        "residency_changes": kinds.count("SetResidency"), "steps": kinds.count("Step"),
+        "bytes_moved": moved,
+        "trace": [{k: e[k] for k in ("time", "action", "model", "args")} for e in trace if e["action"] != "Step"],
+        "step_times": {m.name: [round(e["time"], 4) for e in trace if e["action"] == "Step" and e["model"] == m.name]
+                       for m in w.models},
+        "requests_detail": rows,
+    }
