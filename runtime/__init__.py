@@ -37,7 +37,7 @@ _EXPORTS = {
     "ModelState": ".policy", "Policy": ".policy", "LruPolicy": ".policy", "NoEviction": ".policy",
     "PoolView": ".policy", "ModelView": ".policy", "Preempt": ".policy", "Load": ".policy", "Resume": ".policy",
     "Scheduler": ".scheduler", "scheduler": ".scheduler", "ExclusiveScheduling": ".scheduler",
-    "LruScheduling": ".scheduler", "SchedulingPolicy": ".scheduler", "Snapshot": ".scheduler",
+    "LruScheduling": ".scheduler", "CostScheduling": ".scheduler", "SchedulingPolicy": ".scheduler", "Snapshot": ".scheduler",
     "ScheduledRequest": ".scheduler", "Step": ".scheduler", "SetResidency": ".scheduler", "Unload": ".scheduler",
     "LayerStreamer": ".streaming", "StepStats": ".streaming", "StreamedLayer": ".streaming",
 }

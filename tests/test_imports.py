@@ -26,7 +26,8 @@ def test_bookkeeping_imports_and_works_without_torch():
         from tidal.plan import ResidencyPlan
         from tidal import errors
         from tidal.scheduler import ExclusiveScheduling, LruScheduling, Snapshot, Step, check_actions
-        from tidal.scheduler import requests, state, policies
+        from tidal.scheduler import requests, state, policies, cost
+        from tidal.scheduler import CostScheduling
 
         link = [TransferSample("kv_swap_in", n, 1e-4 + n / 1e10) for n in (1 << 20, 4 << 20, 16 << 20)]
         model = CostModel.fit([], link)
@@ -49,6 +50,7 @@ def test_bookkeeping_imports_and_works_without_torch():
             raise AssertionError("kv='drop' accepted")
         assert ExclusiveScheduling().decide(Snapshot(0.0, 0, None, None, ())) == []
         assert LruScheduling().decide(Snapshot(0.0, 0, None, None, ())) == []
+        assert CostScheduling().decide(Snapshot(0.0, 0, None, None, ())) == []
         assert "torch" not in {m for m in sys.modules if sys.modules[m] is not None}
         print("ok")
     """)

@@ -226,7 +226,7 @@ def test_resolve_and_aging_arguments():
     assert resolve("lru", max_wait_s=0.1).aging == Aging(0.1, 32)
     p = LruScheduling()
     assert resolve(p) is p
-    for bad in ("cost", None, LruScheduling):
+    for bad in ("fifo", None, LruScheduling):  # "cost" is a policy since issue 14
         with pytest.raises(ConfigError):
             resolve(bad)
     with pytest.raises(ConfigError):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib
 
+from .cost import CostScheduling  # registers "cost" in POLICIES
 from .policies import POLICIES, Aging, ExclusiveScheduling, LruScheduling, SchedulingPolicy, resolve
 from .requests import ScheduledRequest, Trace
 from .state import ACTIONS, ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
 
-__all__ = ["Scheduler", "Aging", "ExclusiveScheduling", "LruScheduling", "SchedulingPolicy", "POLICIES", "resolve",
+__all__ = ["Scheduler", "Aging", "ExclusiveScheduling", "LruScheduling", "CostScheduling", "SchedulingPolicy", "POLICIES", "resolve",
            "ScheduledRequest", "Trace", "ACTIONS", "ModelSnapshot", "SetResidency", "Snapshot", "Step", "Unload",
            "check_actions"]
 

@@ -36,13 +36,21 @@ class _Registered:
     max_len: int  # the model's positions
     capacity: int  # tokens its device KV pool holds
     vocab: int
+    num_layers: int = 0
+    layer_bytes: int = 0  # device bytes of one decoder layer
+    ring_slots: int = 3  # streaming ring slots (prefetch_depth + 1)
+    kv_block: tuple[int, int] = (1, 0)  # (tokens, bytes) of one KV block
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
 
 class Scheduler:
     """Schedules requests across the models of `runtime` (see the package docstring). `policy`: "exclusive",
     "lru", or an object with `decide(snapshot)`; `max_wait_s`/`max_skipped_ticks` set a named policy's aging
     bound. `trace_path`: a JSONL file for the trace (else `trace` keeps it in memory). `cost_models`: name ->
-    `tidal.costmodel.CostModel`, passed to the policy in every snapshot."""
+    `tidal.costmodel.CostModel`, passed to the policy in every snapshot (or `add_model(cost_model=...)`). A
+    policy that needs them ("cost") refuses, with ConfigError naming it, a model loaded in `runtime` already
+    without one."""
 
     def __init__(self, runtime, policy="lru", *, max_wait_s: float | None = None,
                  max_skipped_ticks: int | None = None, trace_path=None, cost_models=None):
@@ -51,6 +59,14 @@ class Scheduler:
         self.policy = resolve(policy, **aging)
         self.runtime = runtime
         self.cost_models = dict(cost_models or {})
+        if getattr(self.policy, "needs_cost_models", False):
+            from .cost import load_cost_model
+
+            self.cost_models = {n: load_cost_model(cm, n) for n, cm in self.cost_models.items()}
+            missing = sorted(set(runtime.models) - set(self.cost_models))
+            if missing:
+                raise ConfigError(f"policy {self.policy!r} needs a cost model for every model; {missing[0]!r} "
+                                  "(loaded in the runtime) has none: pass cost_models={name: CostModel}")
         self._models: dict[str, _Registered] = {}
         self._lock = threading.Lock()  # the queues, the aborts, the error
         self._wake = threading.Condition(self._lock)
@@ -64,6 +80,7 @@ class Scheduler:
         self._tick, self._stalled, self._t0 = 0, 0, time.monotonic()
         self._last_used: dict[str, int] = {}
         self._last_step_at: dict[str, float] = {}
+        self._active_since: dict[str, float] = {}  # when the loop last loaded or resumed each model
         self._skipped: dict[str, int] = {}
         self._trace = Trace(trace_path)
 
@@ -73,11 +90,27 @@ class Scheduler:
         return self._trace.entries
 
     # -- models and requests -------------------------------------------------------------------------------
-    def add_model(self, name: str, path, **engine_kwargs) -> None:
-        """Register the checkpoint at `path` as `name`; the policy loads it when it has work. ConfigError for a
-        bad name or argument, OutOfDeviceMemory for a model that alone exceeds a budget; nothing changes then."""
+    def add_model(self, name: str, path, *, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
+                  cost_model=None, **engine_kwargs) -> None:
+        """Register the checkpoint at `path` as `name`; the policy loads it when it has work. `slo_ttft_s`,
+        `slo_tpot_s`: its SLOs on time to first token and per output token (seconds; None: none), and
+        `cost_model`: a `tidal.costmodel.CostModel` or the path of a profile.json to fit one from, for the
+        policy's snapshot (the "cost" policy needs one). ConfigError for a bad name or argument,
+        OutOfDeviceMemory for a model that alone exceeds a budget; nothing changes then."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name={name!r} must be a non-empty string")
+        for key, slo in (("slo_ttft_s", slo_ttft_s), ("slo_tpot_s", slo_tpot_s)):
+            if slo is not None and (isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0):
+                raise ConfigError(f"{key}={slo!r} must be a number of seconds > 0, or None")
+        if cost_model is None:
+            cost_model = self.cost_models.get(name)
+        if cost_model is not None or getattr(self.policy, "needs_cost_models", False):
+            if cost_model is None:
+                raise ConfigError(f"policy {self.policy!r} needs a cost model for model {name!r}: pass "
+                                  "add_model(..., cost_model=CostModel or profile.json path)")
+            from .cost import load_cost_model
+
+            cost_model = load_cost_model(cost_model, name)
         if name in self._models or name in self.runtime.models:
             raise ConfigError(f"a model named {name!r} is registered or loaded already")
         if "device" in engine_kwargs:
@@ -91,10 +124,15 @@ class Scheduler:
             if budget is not None and need > budget:
                 raise OutOfDeviceMemory(f"model {name!r} needs {need} {tier} bytes while active; the {tier} "
                                         f"budget is {budget}, so it can never be loaded")
+        from .. import weights
+
         reg = _Registered(path, dict(engine_kwargs), fp.device, fp.host, p.plan.resident_fraction,
                           p.model.max_position_embeddings, p.kv.num_device_blocks * p.engine.block_size,
-                          p.model.vocab_size)
+                          p.model.vocab_size, p.model.num_layers, weights.empty(p.model, p.plan, p.dtype).layer_bytes,
+                          p.offload.prefetch_depth + 1, (p.engine.block_size, p.kv.block_bytes), slo_ttft_s, slo_tpot_s)
         with self._lock:
+            if cost_model is not None:
+                self.cost_models[name] = cost_model
             self._models[name] = reg
             self._queues[name] = collections.deque()
             self._in_flight[name] = {}
@@ -221,6 +259,7 @@ class Scheduler:
         loaded = {v.name: v for v in rt.view().models}  # the Runtime's own snapshot of its engines
         with self._lock:
             queued = {n: (len(q), q[0].submitted_at if q else None) for n, q in self._queues.items()}
+            waiting = {n: list(q) for n, q in self._queues.items()}
         models = []
         for name in list(self._models) + [n for n in loaded if n not in self._models]:
             reg = self._models.get(name)
@@ -237,9 +276,28 @@ class Scheduler:
                 oldest_age_s=None if oldest is None else now - oldest,
                 waited_s=0.0 if oldest is None else now - max(oldest, self._last_step_at.get(name, oldest)),
                 skipped_ticks=self._skipped.get(name, 0) if oldest is not None else 0,
-                resume_staging_bytes=staging_bytes(engine) if engine is not None else 0))
+                resume_staging_bytes=staging_bytes(engine) if engine is not None else 0,
+                **self._cost_view(name, reg, view, engine, waiting.get(name, []) + list(in_flight.values()), now)))
         return Snapshot(now - self._t0, self._tick, rt.device_budget, rt.host_budget, tuple(models),
                         dict(self.cost_models))
+
+    def _cost_view(self, name, reg, view, engine, requests, now) -> dict:
+        """The snapshot's fields for the cost policy: SLOs, the shape of the work, what a swap would move."""
+        out = {"active_s": now - self._active_since.get(name, self._t0) if view.state.active else 0.0,
+               "preempted_kv": engine.preempted.kv if engine is not None and engine.preempted is not None else None}
+        if reg is None:
+            return out
+        block, block_bytes = reg.kv_block
+        sizes = [len(r.prompt) + len(r.output_ids) for r in requests]
+        out.update(slo_ttft_s=reg.slo_ttft_s, slo_tpot_s=reg.slo_tpot_s, num_layers=reg.num_layers,
+                   layer_bytes=reg.layer_bytes, ring_slots=reg.ring_slots,
+                   context=sum(sizes) // len(sizes) if sizes else 0,
+                   remaining_tokens=max((r.params.max_new_tokens - len(r.output_ids) for r in requests), default=0),
+                   kv_bytes=sum(-(-(len(r.prompt) + len(r.output_ids)) // block) * block_bytes for r in requests
+                                if r.engine_id is not None),
+                   first_token_wait_s=max((now - r.submitted_at for r in requests if r.first_token_at is None),
+                                          default=None))
+        return out
 
     def _tick_once(self) -> bool:
         self._apply_aborts()
@@ -257,6 +315,8 @@ class Scheduler:
             self._trace.record(t - self._t0, self._tick, action, predicted, time.monotonic() - t)
             if isinstance(action, (Step, Load, Resume)):
                 self._last_used[action.model] = self._tick
+            if isinstance(action, (Load, Resume)):
+                self._active_since[action.model] = t
             if isinstance(action, Step):
                 stepped.add(action.model)
         now = time.monotonic()

@@ -156,12 +156,14 @@ class LruScheduling:
         return f"LruScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks})"
 
 
+# name -> policy class; cost.py adds "cost" (`CostScheduling`) when the package loads, since it builds on
+# this module (an import from here back to it would be a cycle)
 POLICIES = {"exclusive": ExclusiveScheduling, "lru": LruScheduling}
 
 
 def resolve(policy, **aging) -> SchedulingPolicy:
-    """The policy for `policy=`: "exclusive", "lru" (built with `aging`: max_wait_s, max_skipped_ticks), or an
-    object with `decide(snapshot)`."""
+    """The policy for `policy=`: "exclusive", "lru", "cost" (built with `aging`: max_wait_s, max_skipped_ticks),
+    or an object with `decide(snapshot)`."""
     if isinstance(policy, str):
         if policy not in POLICIES:
             raise ConfigError(f"policy={policy!r} must be one of {sorted(POLICIES)} or an object with "

@@ -43,6 +43,8 @@ class ModelSnapshot:
     active_s: float = 0.0  # seconds since it was last loaded or resumed (0 when not active)
     preempted_kv: str | None = None  # the KV mode of its preemption ("swap", "recompute"); None if not preempted
     ring_slots: int = 3  # layer slots its streaming ring holds when a layer streams (prefetch_depth + 1)
+    num_layers: int = 0  # decoder layers (0: unknown; a SetResidency then changes no bytes in `check_actions`)
+    layer_bytes: int = 0  # device bytes of one decoder layer
 
     @property
     def name(self) -> str:
@@ -55,6 +57,22 @@ class ModelSnapshot:
     @property
     def has_work(self) -> bool:
         return self.queued + self.in_flight > 0
+
+    def resident_layers(self, fraction: float | None = None) -> int:
+        """Decoder layers resident at `fraction` (default: now), rounded as `ResidencyPlan.from_fraction`."""
+        return round((self.resident_fraction if fraction is None else fraction) * self.num_layers)
+
+    def layer_device_bytes(self, resident: int) -> int:
+        """Device bytes of its decoder layers with `resident` of them resident: those layers, plus the streaming
+        ring's slots when any layer streams."""
+        return (resident + min(self.ring_slots, self.num_layers - resident)) * self.layer_bytes
+
+    def residency_change(self, old: int, new: int) -> tuple[int, int]:
+        """(device, host) bytes a change from `old` to `new` resident layers adds (negative: frees). The host
+        side counts a new host copy of every demoted layer (an upper bound: a layer that streamed before, or a
+        kept host copy, needs none); promotions keep their host copies."""
+        device = self.layer_device_bytes(new) - self.layer_device_bytes(old)
+        return device, max(0, old - new) * self.layer_bytes
 
     def need(self) -> Request:
         """The device and host bytes a Load or Resume of this model needs (staging included)."""
@@ -138,6 +156,7 @@ def check_actions(snapshot: Snapshot, actions) -> list:
     if not isinstance(actions, (list, tuple)):
         raise ConfigError(f"a policy returned {actions!r}, not a list of actions")
     view = snapshot.pool()
+    resident = {m.name: m.resident_layers() for m in snapshot.models}
     for action in actions:
         if not isinstance(action, ACTIONS):
             raise ConfigError(f"a policy returned {action!r}, not one of {[a.__name__ for a in ACTIONS]}")
@@ -155,6 +174,9 @@ def check_actions(snapshot: Snapshot, actions) -> list:
                 view = dataclasses.replace(view, models=tuple(gone if x.name == m.name else x for x in view.models))
             elif not m.state.active:  # Step, SetResidency
                 raise StateError(f"{m.name!r} is not active ({m.state.name})")
+            elif isinstance(action, SetResidency):
+                view, resident[m.name] = set_residency(view, snapshot.model(m.name), resident[m.name],
+                                                       action.fraction)
         except (StateError, OutOfDeviceMemory) as exc:
             raise type(exc)(f"cannot apply {action}: {exc}; nothing was applied") from None
     return list(actions)
@@ -163,3 +185,19 @@ def check_actions(snapshot: Snapshot, actions) -> list:
 def _need(snapshot: Snapshot, m: ModelView) -> Request:
     s = snapshot.model(m.name)
     return dataclasses.replace(s, view=m).need()
+
+
+def set_residency(view: PoolView, m: ModelSnapshot, old: int, fraction: float) -> tuple[PoolView, int]:
+    """The view after `SetResidency(m, fraction)` on the active model `m` with `old` layers resident, and its
+    resident layers then (`ModelSnapshot.residency_change`; no bytes change when its layers are unknown).
+    OutOfDeviceMemory when what it adds does not fit the budgets."""
+    new = m.resident_layers(fraction)
+    device, host = m.residency_change(old, new)
+    if not view.fits(max(0, device), host):
+        raise OutOfDeviceMemory(f"{new}/{m.num_layers} resident layers add {device} device and {host} host bytes; "
+                                f"in use: {view.device_used} of {view.device_budget} device, {view.host_used} of "
+                                f"{view.host_budget} host")
+    v = view.model(m.name)
+    v = dataclasses.replace(v, device_bytes=v.device_bytes + device, active_device_bytes=v.active_device_bytes + device,
+                            host_bytes=v.host_bytes + host, active_host_bytes=v.active_host_bytes + host)
+    return dataclasses.replace(view, models=tuple(v if x.name == m.name else x for x in view.models)), new

@@ -1,0 +1,381 @@
+"""The `cost` scheduling policy (`CostScheduling`): each tick, co-residency with partial offload or time-slicing
+with preemption, chosen from each model's fitted `tidal.costmodel.CostModel` to meet per-model SLOs on time to
+first token (TTFT) and time per output token (TPOT). Torch-free, like the other policies.
+
+Why both: the study (shared/PAPER.md) found that offloading slows decode non-linearly and model-dependently,
+and that a preemption costs mostly the weights' reload. Co-residency pays on every step (streamed layers);
+time-slicing pays per switch (a reload). Which is cheaper depends on the models, the machine and the load, so
+the policy predicts both with the cost models and takes the cheaper one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from ..errors import ConfigError, OutOfDeviceMemory, StateError
+from ..policy import Load, ModelState, Preempt, Resume
+from .policies import POLICIES, Aging, ExclusiveScheduling, evict
+from .state import ModelSnapshot, SetResidency, Snapshot, Step, set_residency
+
+TIERS = (("host", "swap"), ("host", "recompute"), ("disk", "swap"), ("disk", "recompute"))  # ties: the first
+REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
+
+
+def load_cost_model(value, name: str):
+    """`add_model(cost_model=...)`: a CostModel as given, or one fitted to every decode and preemption row of
+    the profile.json at a path (`tidal.study.costfit`'s samples). ConfigError naming `name` otherwise."""
+    from ..costmodel import CostModel
+
+    if isinstance(value, (str, os.PathLike)):
+        from ..study import costfit, schema
+
+        doc = schema.load(value)
+        try:
+            value = CostModel.fit(costfit.decode_samples(doc), costfit.transfer_samples(doc))
+        except ConfigError as exc:
+            raise ConfigError(f"model {name!r}: no cost model could be fitted from {value}: {exc}") from None
+    if not isinstance(value, CostModel) or value.step is None or value.step.a0 is None:
+        raise ConfigError(f"model {name!r}: cost_model={value!r} must be a CostModel with a fitted decode step, "
+                          "or the path of a profile.json")
+    return value
+
+
+def _over(seconds, slo) -> float:
+    return 0.0 if seconds is None or slo is None else max(0.0, seconds / slo - 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A candidate plan's predicted outcome: `violation`, the sum over models with work of the relative
+    overshoot of predicted TPOT and TTFT over their SLOs (0: every SLO met); `seconds`, the predicted time to
+    finish the work queued now."""
+
+    kind: str  # "co-residency" or "time-slicing"
+    violation: float
+    seconds: float
+
+    def key(self) -> tuple[float, float]:
+        return round(self.violation, 9), self.seconds
+
+
+class _Plan:
+    """Actions built one at a time over the snapshot, each checked as `check_actions` checks it (a refused one
+    raises and is not added), with each one's predicted seconds."""
+
+    def __init__(self, policy: CostScheduling, snapshot: Snapshot):
+        self.policy, self.snapshot, self.view = policy, snapshot, snapshot.pool()
+        self.resident = {m.name: m.resident_layers() for m in snapshot.models}
+        self.actions, self.costs = [], []
+
+    @property
+    def seconds(self) -> float:
+        return sum(c or 0.0 for c in self.costs)
+
+    def add(self, action) -> None:
+        m = self.snapshot.model(action.model)
+        if isinstance(action, (Step, SetResidency)) and not self.view.model(m.name).state.active:
+            raise StateError(f"{action}: {m.name!r} is not active")
+        if isinstance(action, SetResidency):
+            view, new = set_residency(self.view, m, self.resident[m.name], action.fraction)
+        elif isinstance(action, Step):
+            view, new = self.view, self.resident[m.name]
+        else:
+            request = None if isinstance(action, Preempt) else \
+                dataclasses.replace(m, view=self.view.model(m.name)).need()
+            view, new = dataclasses.replace(self.view, request=request).apply(action), self.resident[m.name]
+        self.costs.append(self.policy.cost(self.snapshot, m, self.resident[m.name], action))
+        self.view, self.resident[m.name] = view, new
+        self.actions.append(action)
+
+
+class CostScheduling:
+    """Co-residency or time-slicing, whichever the cost models predict meets the SLOs best.
+
+    Objective, each tick: build two kinds of candidate plan over the snapshot and take the one with the lowest
+    (predicted SLO violation, predicted seconds to finish the queued work) (`Estimate`: violations first,
+    since an SLO is a promise and time only an efficiency; time breaks ties, so that with no SLO or none
+    attainable the plan that drains fastest wins).
+
+    (a) Co-residency: every model with work active and stepped each tick, so each emits one token per round
+    of sum_m step_m(R_m). Residencies R_m are chosen greedily: every model starts at 0 resident layers (a
+    model brought in now at the fraction it comes back at, since a Runtime resumes a model at its own plan),
+    idle active models are preempted least recently used first only while the budget needs their room, then
+    layer by layer the model whose predicted step shrinks most per device byte gets one more resident layer
+    while it fits (the step is convex in the streamed layers, so this greedy minimises the round). Models
+    already co-resident keep their residencies unless the new ones shorten the round by REBALANCE. Predicted
+    TPOT = the round; TTFT = the wait so far + the plan's transitions + one round.
+
+    (b) Time-slicing: one model active, at the most resident layers that fit, the other models with work
+    preempted to the tier with the cheapest predicted round trip (preempt + resume; weights host or disk, KV
+    swap or recompute) that the host budget takes. A switch is worth its reload only once amortised: the
+    model on the device keeps it for a quantum Q = max(one step, `amortise` x its switch cost) seconds since
+    it came in (or until its work is done), then the most urgent other model (least TTFT slack, then oldest
+    request) takes it. Predicted, round robin at steady state: cycle = sum_m (switch_m + Q_m); TPOT_m =
+    cycle x step_m / Q_m; TTFT = wait + cycle - Q_m + step_m.
+
+    Aging (`policies.Aging`, reused): once a model has aged, time-slicing serves the first aged model (it
+    preempts any other), and co-residency steps every model with work anyway; so the exclusive and lru
+    bound holds: no model with work goes more than max_skipped_ticks + N - 1 ticks without a step. When
+    neither plan fits (a host budget too small for a resume) the tick falls back to `ExclusiveScheduling`.
+
+    Needs, per model with work, a CostModel in `snapshot.cost_models` (ConfigError naming it otherwise) and
+    the snapshot's `num_layers`/`layer_bytes` for co-residency (without them only time-slicing is planned).
+    `predict(snapshot, action)` gives each action's predicted seconds for the trace."""
+
+    needs_cost_models = True
+
+    def __init__(self, max_wait_s: float = 2.0, max_skipped_ticks: int = 32, amortise: float = 1.0):
+        self.aging = Aging(max_wait_s, max_skipped_ticks)
+        if isinstance(amortise, bool) or not isinstance(amortise, (int, float)) or not amortise >= 0:
+            raise ConfigError(f"amortise={amortise!r} must be a number >= 0")
+        self.amortise = float(amortise)
+        self._fallback = ExclusiveScheduling(max_wait_s, max_skipped_ticks)
+        self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
+        self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
+        self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
+
+    # -- predictions -----------------------------------------------------------------------------------------
+    def cost_model(self, snapshot: Snapshot, m: ModelSnapshot):
+        cm = snapshot.cost_models.get(m.name)
+        if cm is None or getattr(cm, "step", None) is None:
+            raise ConfigError(f"the cost policy needs a cost model with a decode step for model {m.name!r}; pass "
+                              "add_model(..., cost_model=CostModel or profile.json path)")
+        if m.num_layers and cm.step.num_layers != m.num_layers:
+            raise ConfigError(f"model {m.name!r} has {m.num_layers} layers; its cost model was fitted for "
+                              f"{cm.step.num_layers}")
+        return cm
+
+    def cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, action) -> float | None:
+        """Predicted seconds of `action` on `m` with `resident` layers resident before it (None: no cost model,
+        or it cannot predict that). Step: a decode step of its batch; Preempt: `predict_preempt`; Resume:
+        `predict_resume`'s first token (the loop's Resume includes the first step) or its total; Load: the
+        resident weights read from disk; SetResidency: the demoted layers copied out or the promoted ones in."""
+        cm = snapshot.cost_models.get(m.name)
+        if getattr(cm, "step", None) is None:
+            return None
+        w, n = cm.step.layer_bytes, cm.step.num_layers
+        try:
+            if isinstance(action, Step):
+                return cm.predict_step(resident, max(1, m.queued + m.in_flight), m.context)
+            if isinstance(action, Preempt):
+                return cm.predict_preempt(resident * w, m.kv_bytes if action.kv == "swap" else 0, action.weights,
+                                          action.kv)["total"]
+            if isinstance(action, Resume):
+                weights, kv = m.state.weights or "host", m.preempted_kv or "swap"
+                r = self._resume(cm, m, resident, weights, kv)
+                return r["first_token"] if r["first_token"] is not None else r["total"]
+            if isinstance(action, Load):
+                return cm.predict_transfer("weights_disk_in", resident * w)
+            if isinstance(action, SetResidency):
+                new = round(action.fraction * n)
+                kind = "weights_host_out" if new < resident else "weights_host_in"
+                return cm.predict_transfer(kind, abs(new - resident) * w) if new != resident else 0.0
+            return 0.0  # Unload
+        except ConfigError:
+            return None
+
+    def _resume(self, cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> dict:
+        w, n = cm.step.layer_bytes, cm.step.num_layers
+        return cm.predict_resume((resident if weights == "host" else n) * w, m.kv_bytes if kv == "swap" else 0,
+                                 weights, kv, m.context * m.in_flight if kv == "recompute" else 0,
+                                 resident_layers=resident, batch=m.in_flight, context=m.context)
+
+    def _round_trip(self, cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> float:
+        """Predicted seconds to preempt `m` to this tier and resume it."""
+        out = cm.predict_preempt(resident * cm.step.layer_bytes, m.kv_bytes if kv == "swap" else 0, weights, kv)
+        return out["total"] + self._resume(cm, m, resident, weights, kv)["total"]
+
+    def predict(self, snapshot: Snapshot, action) -> float | None:
+        """Predicted seconds of `action` at this snapshot: as planned by the last `decide` on it, else from the
+        snapshot's state (`cost`)."""
+        tick, table = self._predicted
+        if tick == snapshot.tick and action in table:
+            return table[action]
+        m = snapshot.model(action.model)
+        return self.cost(snapshot, m, m.resident_layers(), action)
+
+    # -- deciding --------------------------------------------------------------------------------------------
+    def decide(self, snapshot: Snapshot) -> list:
+        work = snapshot.with_work
+        if not work:
+            return []
+        self._cms = {m.name: self.cost_model(snapshot, m) for m in work}
+        aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
+        plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
+                 if p is not None]
+        if not plans:
+            self.last_estimates = []
+            return self._fallback.decide(snapshot)
+        plans.sort(key=lambda p: p[0].key())
+        plan = plans[0][1]
+        self.last_estimates = [p[0] for p in plans]
+        self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
+        return plan.actions
+
+    def _step(self, m: ModelSnapshot, resident: int) -> float:
+        return self._cms[m.name].predict_step(resident, max(1, m.queued + m.in_flight), m.context)
+
+    def _evict(self, plan: _Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
+        """Preempt `m` to the tier with the cheapest predicted round trip that the host budget takes."""
+        view, best = plan.view, None
+        copy = view.model(m.name).host_copy_bytes
+        for weights, kv in TIERS:
+            if weights == "host" and view.host_budget is not None and \
+                    view.host_used + copy + reserve_host > view.host_budget:
+                continue
+            try:
+                seconds = self._round_trip(self.cost_model(plan.snapshot, m), m, plan.resident[m.name],
+                                           weights, kv)
+            except ConfigError:
+                continue
+            if best is None or seconds < best[0]:
+                best = (seconds, Preempt(m.name, weights, kv))
+        plan.add(best[1] if best else evict(view, m.name, reserve_host))
+
+    def _switch_cost(self, m: ModelSnapshot, resident: int) -> float:
+        """The cheapest predicted round trip (preempt + resume) of `m` (0 when none can be predicted)."""
+        costs = []
+        for weights, kv in TIERS:
+            try:
+                costs.append(self._round_trip(self._cms[m.name], m, resident, weights, kv))
+            except ConfigError:
+                pass
+        return min(costs, default=0.0)
+
+    def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
+        """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""
+        if not m.num_layers or snapshot.device_budget is None:
+            return m.num_layers or m.resident_layers()
+        now = m.resident_layers()
+        base = m.view.active_device_bytes - m.layer_device_bytes(now)
+        fits = [r for r in range(now, m.num_layers + 1) if base + m.layer_device_bytes(r) <= snapshot.device_budget]
+        return max(fits, default=now)
+
+    def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
+        if any(not m.num_layers or not m.layer_bytes for m in work):
+            return None  # residency bytes unknown: no co-residency to budget
+        plan, names = _Plan(self, snapshot), {m.name for m in work}
+        lo = {m.name: 0 if m.state.active else m.resident_layers() for m in work}
+        at = {m.name: m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers()) for m in work}
+        budget = math.inf if snapshot.device_budget is None else snapshot.device_budget
+
+        def room(resident) -> float:
+            others = sum(v.device_bytes for v in plan.view.models if v.name not in names)
+            return budget - others - sum(at[m.name] + m.layer_device_bytes(resident[m.name]) for m in work)
+
+        try:
+            for v in plan.view.lru_order():  # idle active models leave only while the room is needed
+                if room(lo) >= 0:
+                    break
+                if v.state.active and v.name not in names:
+                    self._evict(plan, snapshot.model(v.name))
+            if room(lo) < 0:
+                return None
+            target = self._greedy(work, lo, room(lo))
+            if all(m.state.active for m in work):
+                now = {m.name: m.resident_layers() for m in work}
+                if sum(self._step(m, target[m.name]) for m in work) > \
+                        (1 - REBALANCE) * sum(self._step(m, now[m.name]) for m in work):
+                    target = now  # not worth moving layers
+            for m in work:  # shrink first, then bring in, then grow: the bytes in use only rise to the target
+                if m.state.active and target[m.name] < plan.resident[m.name]:
+                    plan.add(SetResidency(m.name, target[m.name] / m.num_layers))
+            for m in work:
+                if not m.state.active:
+                    plan.add(Load(m.name) if m.state is ModelState.UNLOADED else Resume(m.name))
+            for m in work:
+                if target[m.name] > plan.resident[m.name]:
+                    plan.add(SetResidency(m.name, target[m.name] / m.num_layers))
+        except (OutOfDeviceMemory, StateError):
+            return None
+        for m in sorted(work, key=lambda m: m.name):
+            plan.add(Step(m.name))
+        rnd = sum(self._step(m, target[m.name]) for m in work)
+        setup = plan.seconds - sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if isinstance(a, Step))
+        violation = sum(_over(rnd, m.slo_tpot_s) + _over(
+            None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s) for m in work)
+        seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
+        return Estimate("co-residency", violation, seconds), plan
+
+    def _greedy(self, work: list[ModelSnapshot], lo: dict, room: float) -> dict:
+        resident = dict(lo)
+        while True:
+            best = None
+            for m in work:
+                r = resident[m.name]
+                if r >= m.num_layers:
+                    continue
+                extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
+                if extra > room:
+                    continue
+                gain = self._step(m, r) - self._step(m, r + 1)
+                key = (gain / extra if extra > 0 else math.inf, gain, m.name)
+                if best is None or key > best[0]:
+                    best = (key, m, extra)
+            if best is None:
+                return resident
+            resident[best[1].name] += 1
+            room -= best[2]
+
+    def _time_slice(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]):
+        alone = {m.name: self._alone(snapshot, m) for m in work}
+        step = {m.name: self._step(m, alone[m.name]) for m in work}
+        switch = {m.name: self._switch_cost(m, alone[m.name]) if len(work) > 1 else 0.0 for m in work}
+        quantum = {m.name: min(max(step[m.name], self.amortise * switch[m.name]),
+                               max(1, m.remaining_tokens) * step[m.name]) for m in work}
+        active = [m for m in work if m.state.active]
+        current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
+        others = sorted((m for m in work if m is not current), key=lambda m: (
+            math.inf if m.slo_ttft_s is None or m.first_token_wait_s is None else m.slo_ttft_s - m.first_token_wait_s,
+            -(m.oldest_age_s or 0.0), m.name))
+        if aged:
+            x = aged[0]
+        elif current is not None and (current.active_s < quantum[current.name] or not others):
+            x = current
+        else:
+            x = others[0]
+        plan = _Plan(self, snapshot)
+        try:
+            reserve = 0 if x.state.active else x.need().host_bytes
+            for v in plan.view.lru_order():
+                if v.state.active and v.name != x.name and snapshot.model(v.name).has_work:
+                    self._evict(plan, snapshot.model(v.name), reserve)
+            if not x.state.active:
+                idle = [v for v in plan.view.lru_order() if v.state.active and v.name != x.name]
+                while True:
+                    try:
+                        plan.add(Load(x.name) if x.state is ModelState.UNLOADED else Resume(x.name))
+                        break
+                    except OutOfDeviceMemory:
+                        if not idle:
+                            return None
+                        self._evict(plan, snapshot.model(idle.pop(0).name), reserve)
+            for r in range(alone[x.name], plan.resident[x.name], -1):  # as many resident layers as fit
+                try:
+                    plan.add(SetResidency(x.name, r / x.num_layers))
+                    break
+                except OutOfDeviceMemory:
+                    pass
+        except (OutOfDeviceMemory, StateError):
+            return None
+        plan.add(Step(x.name))
+        cycle = sum(switch[m.name] + quantum[m.name] for m in work)
+        setup = plan.seconds - (plan.costs[-1] or 0.0)
+        violation = 0.0
+        for m in work:
+            n = m.name
+            tpot = cycle * step[n] / quantum[n] if len(work) > 1 else step[n]
+            ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + (
+                setup if m is x else cycle - quantum[n]) + step[n]
+            violation += _over(tpot, m.slo_tpot_s) + _over(ttft, m.slo_ttft_s)
+        seconds = setup + sum(max(1, m.remaining_tokens) * step[m.name] + switch[m.name] * (
+            math.ceil(max(1, m.remaining_tokens) * step[m.name] / quantum[m.name]) - (m is x)) for m in work)
+        return Estimate("time-slicing", violation, seconds), plan
+
+    def __repr__(self) -> str:
+        return (f"CostScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks}"
+                f", amortise={self.amortise})")
+
+
+POLICIES["cost"] = CostScheduling

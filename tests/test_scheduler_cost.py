@@ -1,0 +1,241 @@
+"""The cost policy on synthetic snapshots with synthetic cost models (pure, no engine): co-residency where a
+reload is dear and offload mild, time-slicing where offload is severe and a reload cheap, the quantum, aging,
+its predictions, and the budgets over a seeded random set of snapshots."""
+import dataclasses
+import random
+
+import pytest
+
+from tidal.costmodel import CostModel, LinkFit, RecomputeFit, StepFit
+from tidal.errors import ConfigError
+from tidal.policy import Load, ModelState, ModelView, Preempt, Resume
+from tidal.scheduler import CostScheduling, ModelSnapshot, SetResidency, Snapshot, Step, check_actions, resolve
+from tidal.scheduler.state import set_residency
+
+S = ModelState
+L, W, BASE, RING = 10, 10, 10, 3  # layers, bytes per layer, other device bytes (KV, embeddings), ring slots
+FULL = BASE + L * W  # device bytes of a fully resident model: 110
+
+
+def cost_model(t0=0.010, per_layer=0.0001, overhead=0.0005, reload=2.0, recompute=False):
+    """A decode step of t0 all resident; each streamed layer copies in `per_layer` seconds (overlapped) and
+    adds `overhead`; the weights come back from the host in `reload` seconds, from disk in twice that."""
+    step = StepFit(L, W, t0, 0.0, 0.0, W / per_layer, overhead, 1)
+    full = L * W  # a full model's weights come back in `reload` seconds
+    links = (LinkFit("weights_host_out", 1e-3, 1e12, 1), LinkFit("weights_host_in", 0.0, full / reload, 1),
+             LinkFit("weights_disk_in", 0.0, full / (2 * reload), 1), LinkFit("kv_swap_out", 1e-4, 1e9, 1),
+             LinkFit("kv_swap_in", 1e-4, 1e9, 1))
+    return CostModel(step, links, RecomputeFit(1e-3, 1e-5, 0.0, 1) if recompute else None)
+
+
+def device_bytes(fraction):
+    r = round(fraction * L)
+    return BASE + (r + min(RING, L - r)) * W
+
+
+def model(name, state=S.ACTIVE, fraction=1.0, in_flight=2, queued=0, active_s=0.0, skipped=0, waited=0.0, last=0,
+          tpot=None, ttft=None, first_wait=None, remaining=100, context=64, kv=0):
+    dev = device_bytes(fraction)
+    r = round(fraction * L)
+    view = ModelView(name, state, dev if state is S.ACTIVE else 0, r * W if state is S.PREEMPTED_HOST else 0, dev, 0,
+                     host_copy_bytes=0 if state is S.PREEMPTED_HOST else r * W, last_used=last)
+    work = queued + in_flight > 0
+    return ModelSnapshot(view, fraction, queued, in_flight, oldest_age_s=1.0 if work else None,
+                         waited_s=waited if work else 0.0, skipped_ticks=skipped if work else 0, slo_ttft_s=ttft,
+                         slo_tpot_s=tpot, context=context, remaining_tokens=remaining if work else 0, kv_bytes=kv,
+                         first_token_wait_s=first_wait, active_s=active_s if state is S.ACTIVE else 0.0,
+                         preempted_kv="swap" if state.preempted else None, ring_slots=RING, num_layers=L,
+                         layer_bytes=W)
+
+
+def snap(*models, device=None, host=None, cms=None, tick=0):
+    cms = cms or {m.name: cost_model() for m in models}
+    return Snapshot(0.0, tick, device, host, tuple(models), cms)
+
+
+def decide(policy, s):
+    return check_actions(s, policy.decide(s))  # every plan must pass the loop's own check
+
+
+# -- the choice ------------------------------------------------------------------------------------------------
+def test_co_residency_pays_when_a_reload_is_dear_and_offload_mild():
+    cm = cost_model(reload=2.0)  # streaming a layer costs 0.5 ms, a reload 2 s
+    s = snap(model("a", tpot=0.03, last=1), model("b", S.PREEMPTED_HOST, tpot=0.03), device=160,
+             cms={"a": cm, "b": cm})
+    policy = CostScheduling()
+    # b comes back at its own (full) residency, so a shrinks to what is left: 1 of 10 layers
+    assert decide(policy, s) == [SetResidency("a", 0.1), Resume("b"), Step("a"), Step("b")]
+    co, ts = policy.last_estimates
+    assert (co.kind, co.violation) == ("co-residency", 0.0) and ts.kind == "time-slicing" and ts.violation > 0
+
+
+def test_co_resident_models_grow_into_room_and_keep_residencies_that_are_good_enough():
+    s = snap(model("a", fraction=0.3, last=1), model("b", fraction=0.3), device=200)
+    actions = decide(CostScheduling(), s)
+    assert actions[-2:] == [Step("a"), Step("b")]
+    grown = [a for a in actions if isinstance(a, SetResidency)]
+    assert grown and all(a.fraction > 0.3 for a in grown)
+    after = {a.model: a.fraction for a in grown}  # the state the plan leaves: nothing more to move
+    now = snap(*(model(n, fraction=after.get(n, 0.3), last=int(n == "a")) for n in "ab"), device=200)
+    assert decide(CostScheduling(), now) == [Step("a"), Step("b")]
+
+
+def test_time_slicing_when_offload_is_severe_and_a_reload_cheap():
+    cm = cost_model(per_layer=0.02, reload=0.005)  # a streamed layer costs 20 ms: decode collapses
+    s = snap(model("a", fraction=0.5, tpot=0.05, last=1), model("b", fraction=0.5, tpot=0.05), device=180,
+             cms={"a": cm, "b": cm})
+    policy = CostScheduling()
+    assert decide(policy, s) == [Preempt("b", "host", "swap"), SetResidency("a", 1.0), Step("a")]
+    assert policy.last_estimates[0].kind == "time-slicing" and policy.last_estimates[0].violation == 0.0
+    # the step is predicted at the residency the plan leaves, not the snapshot's
+    assert policy.predict(s, Step("a")) == cm.predict_step(L, 2, 64)
+
+
+def test_the_cheapest_tier_the_host_budget_takes():
+    cm = cost_model(per_layer=0.02, reload=0.005)
+    a, b = model("a", fraction=0.5, last=1), model("b", fraction=0.5)
+    host = snap(a, b, device=180, cms={"a": cm, "b": cm})
+    assert decide(CostScheduling(), host)[0] == Preempt("b", "host", "swap")
+    no_room = snap(a, b, device=180, host=10, cms={"a": cm, "b": cm})  # b's copy (50 bytes) does not fit
+    assert decide(CostScheduling(), no_room)[0] == Preempt("b", "disk", "swap")
+    # a cheap recompute beats swapping a large KV back
+    cmr = cost_model(per_layer=0.02, reload=0.005, recompute=True)
+    big = snap(a, dataclasses.replace(b, kv_bytes=10**9, context=4), device=180, cms={"a": cmr, "b": cmr})
+    assert decide(CostScheduling(), big)[0] == Preempt("b", "host", "recompute")
+
+
+# -- the quantum and aging -------------------------------------------------------------------------------------
+def _alone(active_s, skipped=0, waited=0.0, remaining=100, amortise=1.0):
+    cm = cost_model(per_layer=0.02, reload=1.0)  # a switch costs about 1 s
+    s = snap(model("a", active_s=active_s, last=1, remaining=remaining),
+             model("b", S.PREEMPTED_HOST, skipped=skipped, waited=waited), device=FULL, cms={"a": cm, "b": cm})
+    return decide(CostScheduling(amortise=amortise), s)
+
+
+def test_quantum_stays_until_the_reload_is_amortised():
+    assert _alone(0.5) == [Step("a")]  # 0.5 s on the device < the 1 s switch: stay
+    assert _alone(1.5) == [Preempt("a", "host", "swap"), Resume("b"), Step("b")]
+    assert _alone(1.5, remaining=1000, amortise=2.0) == [Step("a")]  # quantum 2 x the switch
+    assert _alone(1.5, remaining=10) == [Preempt("a", "host", "swap"), Resume("b"), Step("b")]
+
+
+def test_the_last_model_with_work_keeps_the_device():
+    cm = cost_model(per_layer=0.02, reload=1.0)
+    s = snap(model("a", active_s=100.0), model("b", S.PREEMPTED_HOST, in_flight=0), device=FULL,
+             cms={"a": cm, "b": cm})
+    assert decide(CostScheduling(), s) == [Step("a")]
+
+
+@pytest.mark.parametrize("aged", [dict(skipped=32), dict(waited=2.0)])
+def test_aging_still_wins(aged):
+    assert _alone(0.5, **aged) == [Preempt("a", "host", "swap"), Resume("b"), Step("b")]
+
+
+def test_aging_bound_in_a_simulated_run():
+    """Tick by tick over the policy's own actions (no engine): a model kept busy never starves the other."""
+    cm = cost_model(per_layer=0.02, reload=1.0)
+    policy = CostScheduling(max_skipped_ticks=4, max_wait_s=1e9)
+    models = {"a": model("a", last=1), "b": model("b", S.PREEMPTED_HOST)}
+    worst = 0
+    for tick in range(60):
+        s = Snapshot(0.0, tick, FULL, None, tuple(models.values()), {"a": cm, "b": cm})
+        actions = decide(policy, s)
+        view, stepped = s.pool(), set()
+        for act in actions:
+            if isinstance(act, Step):
+                stepped.add(act.model)
+            elif not isinstance(act, SetResidency):
+                need = None if isinstance(act, Preempt) else s.model(act.model).need()
+                view = dataclasses.replace(view, request=need).apply(act)
+        for name, m in models.items():
+            v = dataclasses.replace(view.model(name), last_used=tick if name in stepped else m.view.last_used)
+            skipped = 0 if name in stepped else m.skipped_ticks + 1
+            models[name] = dataclasses.replace(m, view=v, skipped_ticks=skipped,
+                                               active_s=m.active_s + 0.01 if v.state.active else 0.0,
+                                               preempted_kv="swap" if v.state.preempted else None)
+            worst = max(worst, skipped)
+    assert worst <= 4 + 2 - 1
+
+
+# -- predictions -----------------------------------------------------------------------------------------------
+def test_predict_matches_the_cost_model():
+    cm = cost_model()
+    a = model("a", fraction=0.5, in_flight=3, context=40, kv=4096)
+    b = model("b", S.PREEMPTED_HOST, fraction=1.0, in_flight=2, context=64, kv=2048)
+    s = snap(a, b, cms={"a": cm, "b": cm})
+    p = CostScheduling()
+    assert p.predict(s, Step("a")) == cm.predict_step(5, 3, 40)
+    assert p.predict(s, Preempt("a", "host", "swap")) == cm.predict_preempt(5 * W, 4096, "host", "swap")["total"]
+    assert p.predict(s, Preempt("a", "disk", "recompute")) == cm.predict_preempt(5 * W, 0, "disk", "recompute")["total"]
+    assert p.predict(s, Resume("b")) == cm.predict_resume(L * W, 2048, "host", "swap", resident_layers=L, batch=2,
+                                                          context=64)["first_token"]
+    assert p.predict(s, SetResidency("a", 1.0)) == cm.predict_transfer("weights_host_in", 5 * W)
+    assert p.predict(s, SetResidency("a", 0.2)) == cm.predict_transfer("weights_host_out", 3 * W)
+    assert p.predict(s, Load("a")) == cm.predict_transfer("weights_disk_in", 5 * W)
+    assert p.predict(Snapshot(0.0, 0, None, None, (a,)), Step("a")) is None  # no cost model: no prediction
+
+
+# -- inputs and budgets ----------------------------------------------------------------------------------------
+def test_a_model_with_work_and_no_cost_model_is_refused_by_name():
+    s = snap(model("a"), model("lonely"), cms={"a": cost_model()})
+    with pytest.raises(ConfigError, match="'lonely'"):
+        CostScheduling().decide(s)
+    assert isinstance(resolve("cost", max_wait_s=1.0), CostScheduling)
+    with pytest.raises(ConfigError):
+        CostScheduling(amortise=-1)
+
+
+def test_budgets_hold_for_every_plan_over_random_snapshots():
+    rng = random.Random(14)
+    states = [S.ACTIVE, S.PREEMPTED_HOST, S.PREEMPTED_DISK, S.UNLOADED]
+    for _ in range(400):
+        n = rng.randint(1, 4)
+        device = rng.randint(FULL, n * FULL + 20)
+        host = rng.choice([None, rng.randint(0, 400)])
+        models, used, host_used = [], 0, 0
+        for i in range(n):
+            state, fraction = rng.choice(states), rng.choice([0.0, 0.3, 0.5, 1.0])
+            if state is S.ACTIVE and used + device_bytes(fraction) > device:
+                state = S.PREEMPTED_DISK
+            if state is S.PREEMPTED_HOST and host is not None and host_used + round(fraction * L) * W > host:
+                state = S.PREEMPTED_DISK
+            m = model(f"m{i}", state, fraction, in_flight=rng.choice([0, 0, 1, 3]), queued=rng.choice([0, 1]),
+                      active_s=rng.random() * 3, skipped=rng.choice([0, 0, 5, 40]), last=rng.randint(0, 9),
+                      tpot=rng.choice([None, 0.02, 0.1]), ttft=rng.choice([None, 0.5]),
+                      first_wait=rng.choice([None, 0.2]), remaining=rng.randint(1, 200), kv=rng.choice([0, 64]))
+            used += m.view.device_bytes
+            host_used += m.view.host_bytes
+            models.append(m)
+        cms = {m.name: cost_model(per_layer=rng.choice([1e-5, 1e-3, 0.02]), overhead=rng.choice([0.0, 5e-4]),
+                                  reload=rng.choice([0.001, 0.1, 2.0]), recompute=rng.random() < 0.5)
+               for m in models}
+        s = Snapshot(0.0, 0, device, host, tuple(models), cms)
+        policy = CostScheduling()
+        actions = decide(policy, s)
+        view, resident = s.pool(), {m.name: m.resident_layers() for m in models}
+        for act in actions:  # the budgets after every action, residency changes included
+            m = s.model(act.model)
+            if isinstance(act, SetResidency):
+                view, resident[m.name] = set_residency(view, m, resident[m.name], act.fraction)
+            elif not isinstance(act, Step):
+                need = None if isinstance(act, Preempt) else dataclasses.replace(m, view=view.model(m.name)).need()
+                view = dataclasses.replace(view, request=need).apply(act)
+            assert view.device_used <= device, (s, actions)
+            assert host is None or view.host_used <= host, (s, actions)
+        work = s.with_work
+        if work:
+            steps = {a.model for a in actions if isinstance(a, Step)}
+            assert steps, (s, actions)
+            aged = [m for m in policy.aging.order(work) if policy.aging.aged(m)]
+            assert not aged or aged[0].name in steps, (s, actions)
+
+
+def test_cost_model_inputs(tmp_path):
+    from tidal.scheduler.cost import load_cost_model
+
+    cm = cost_model()
+    assert load_cost_model(cm, "a") is cm
+    with pytest.raises(ConfigError, match="missing.json"):
+        load_cost_model(tmp_path / "missing.json", "a")
+    with pytest.raises(ConfigError, match="'a'"):
+        load_cost_model(CostModel(None, (LinkFit("kv_swap_in", 0.0, 1e9, 1),), None), "a")
