@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scheduler_bench.py --out DIR [--policies exclusive,lru,cost] [--workloads copay,nopay]
         [--duration S] [--rate R] [--seed N] [--link TARGET|GBPS] [--quick]
+    .venv/bin/python bench/scheduler_bench.py --out DIR --merge A/scheduler.json B/scheduler.json  # no run
 
 Per workload (bench/scheduler_workload.py): three random-weight fp32 Llama checkpoints of different sizes
 (`tidal.presets.build`, cached), a device budget that cannot hold all three, and one arrival trace drawn once
@@ -9,9 +10,10 @@ from a seeded numpy Generator: Poisson arrivals at `--rate` per second for `--du
 by Zipf popularity, prompt and output lengths uniform. Every policy runs the same trace, live: the scheduler's
 loop in its thread (`sched.start()`) and a feeder thread submitting each request at its timestamp (wall clock,
 not a tick-driven replay), then up to max(30 s, duration) for the rest to finish (an unfinished request misses
-its SLOs). All engines run on the CPU backend behind one emulated host<->device link (`--link`: a target of
-`tidal.backends.link.TARGETS`, calibrated by `tidal.study.emulation.calibrate_link` on the workload's largest
-model, or GB/s), one torch thread.
+its SLOs). All engines run on the CPU backend behind an emulated host<->device link of one bandwidth (`--link`:
+a target of `tidal.backends.link.TARGETS` or gh200-c2c, calibrated by `tidal.study.emulation.calibrate_link`
+on the workload's largest model, or GB/s; default each workload's own), one torch thread. Each engine paces
+its own copies: the three models do not contend for one link.
 
 Per policy: p50/p99 TTFT and TPOT (TPOT: (last token - first token) / (tokens - 1) per request), SLO attainment
 (requests meeting both of their model's SLOs / requests), goodput (those per second of the run's span, first
@@ -20,7 +22,9 @@ arrival to last finish), throughput, switches (Preempt/Resume/Load in the trace)
 streaming counters). Writes DIR/scheduler.json and DIR/scheduler.png (per policy a timeline of where each model
 is, and the TTFT/TPOT CDFs). A policy `tidal.scheduler` does not resolve is reported "not available". For the
 `cost` policy, when it resolves, each model's profile.json is made first with `tidal profile DIR --quick --link`
-(in DIR/profiles/) and passed as its cost_model with the SLOs.
+(in DIR/profiles/) and passed as its cost_model with the SLOs. `static` is the bench's own reference, not a
+tidal policy (scheduler_workload.StaticCoResidency): all three models loaded once at the largest common
+resident fraction that fits the budget, never moved, all stepped: pure co-residency with partial offload.
 """
 from __future__ import annotations
 
@@ -37,22 +41,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scheduler_workload as W  # noqa: E402
-
-import tidal  # noqa: E402
+import scheduler_workload as W
+import tidal
 
 METRICS = ("requests", "finished", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "slo_attainment",
            "goodput_rps", "throughput_rps", "throughput_tok_s", "switches", "residency_changes", "bytes_moved")
 
 
-def profile_for(path, link, out: Path, log) -> str | None:
-    """DIR/profiles/<checkpoint>/profile.json for the cost policy, made with `tidal profile --quick` behind the
+QUICK_PROFILE = ["--fractions", "1", "0.5", "0", "--batches", "1", "2", "--output-lengths", "3", "--contexts", "8",
+                 "--repeats", "1", "--max-repeats", "1"]  # --quick: a profile in seconds, for the smoke run
+
+
+def profile_for(path, link, out: Path, log, quick: bool = False) -> str | None:
+    """DIR/profiles/<checkpoint>-link<GB/s>/profile.json for the cost policy, made with `tidal profile --quick` behind the
     same link (reused when present); None when it fails or takes over 10 minutes."""
-    dest = out / "profiles" / Path(path).name
+    dest = out / "profiles" / f"{Path(path).name}-link{link.gbps:.3g}"  # a profile per checkpoint and link
     if (dest / "profile.json").is_file():
         return str(dest / "profile.json")
     cmd = [sys.executable, "-m", "tidal", "profile", str(path), "--quick", "--device", "cpu", "--dtype", "float32",
-           "--link", f"{link.gbps:.6g}", "--threads", "1", "--no-progress", "--out", str(dest)]
+           "--link", f"{link.gbps:.6g}", "--threads", "1", "--no-progress", "--out", str(dest)] + (QUICK_PROFILE if quick else [])
     log(f"profiling for the cost policy: {' '.join(cmd)}")
     try:
         subprocess.run(cmd, check=True, timeout=600, capture_output=True)
@@ -70,7 +77,7 @@ def run(args) -> dict:
     kw = W.engine_kwargs(args.quick)
     policies = [p for p in args.policies.split(",") if p]
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
                        "torch": torch.__version__, "torch_threads": 1, "device": "cpu (no GPU)"},
            "arrivals": "feeder thread, wall clock, while the loop runs in its thread (sched.start())",
@@ -81,13 +88,14 @@ def run(args) -> dict:
         w = W.workloads(args.quick)[wname]
         paths = W.build_models(w)
         big = max(w.models, key=lambda m: m.preset.param_count())
-        link = W.make_link(args.link, paths[big.name], kw)
+        link_spec = args.link or w.link
+        link = W.make_link(link_spec, paths[big.name], kw)
         log(f"[{wname}] link: {link.gbps:.4g} GB/s ({link.label})")
         foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
         budget = int(w.budget_of_sum * sum(foot.values()))
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
         trace = W.arrivals(w, args.duration, args.rate, args.seed)
-        wdoc = {**w.describe(), "link": {"gbps": link.gbps, "label": link.label, "target": args.link},
+        wdoc = {**w.describe(), "link": {"gbps": link.gbps, "label": link.label, "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
                              for a in trace], "policies": {}}
@@ -97,16 +105,21 @@ def run(args) -> dict:
                 log(f"[{wname}] {policy}: {why}")
                 wdoc["policies"][policy] = {"available": False, "why": why}
                 continue
-            costs = None
+            costs, fractions = None, None
+            if policy == W.STATIC:
+                fractions = W.static_fractions(w, paths, kw, budget)
             if policy == "cost":
-                costs = {m.name: profile_for(paths[m.name], link, out, log) for m in w.models}
+                costs = {m.name: profile_for(paths[m.name], link, out, log, args.quick) for m in w.models}
             log(f"[{wname}] {policy}: {len(trace)} requests over {args.duration} s, budget {budget / 2**20:.1f} MiB "
                 f"of {sum(foot.values()) / 2**20:.1f}")
             t = time.monotonic()
-            res = W.run_policy(policy, w, paths, kw, link, budget, trace, max(30.0, args.duration), costs)
+            res = W.run_policy(policy, w, paths, kw, link, budget, trace, max(30.0, args.duration), costs,
+                               fractions)
             res["available"], res["wall_s"] = True, round(time.monotonic() - t, 1)
             if costs is not None:
                 res["cost_models"] = costs
+            if fractions is not None:
+                res["resident_fractions"] = fractions
             wdoc["policies"][policy] = res
             log(f"  {summary_line(res)}")
         doc["workloads"][wname] = wdoc
@@ -119,9 +132,10 @@ def run(args) -> dict:
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor()
@@ -142,8 +156,8 @@ def summary_line(r: dict) -> str:
 
 
 def table(doc: dict) -> list[str]:
-    lines = ["| workload | policy | SLO attainment | goodput req/s | throughput req/s (tok/s) | TTFT p50 / p99 s | "
-             "TPOT p50 / p99 ms | done | preempt / resume / load | residency changes | MiB moved (+streamed) |",
+    lines = [("| workload | policy | SLO attainment | goodput req/s | throughput req/s (tok/s) | TTFT p50 / p99 s | "
+             "TPOT p50 / p99 ms | done | preempt / resume / load | residency changes | MiB moved (+streamed) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for wname, w in doc["workloads"].items():
         for p, r in w["policies"].items():
@@ -167,9 +181,10 @@ def segments(r: dict, models) -> dict:
     """Per model: [(start, end, state, fraction)] from the trace (times on the arrival clock)."""
     off, end = r["trace_offset_s"], r["span_s"]
     out, cur = {m: [] for m in models}, {m: None for m in models}
+    loaded = r.get("resident_fractions") or {}
     for e in r["trace"]:
         t, m, a = e["time"] - off, e["model"], e["action"]
-        state = {"Load": ("active", 1.0), "Resume": ("active", 1.0), "Unload": None,
+        state = {"Load": ("active", loaded.get(m, 1.0)), "Resume": ("active", 1.0), "Unload": None,
                  "Preempt": (e["args"].get("weights"), 1.0),
                  "SetResidency": ("active", e["args"].get("fraction", 1.0))}.get(a, cur[m] and cur[m][1:])
         if cur[m] is not None:
@@ -226,28 +241,50 @@ def figure(doc: dict, path: Path) -> None:
             ax.set_ylabel("fraction of requests")
             ax.set_title(f"{wn}: CDF of {label} (unfinished requests never reach 1)", fontsize=9)
             ax.legend(fontsize=8)
-    fig.suptitle(f"tidal.Scheduler, {doc['date']}, {doc['machine']['nproc']}-core CPU, link {doc['settings']['link']}",
+    fig.suptitle(f"tidal.Scheduler, {doc['date']}, {doc['machine']['nproc']}-core CPU, links " +
+                 ", ".join(f"{n}: {w['link']['target']}" for n, w in doc["workloads"].items()),
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def merge(paths, out: Path) -> dict:
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    doc = {**docs[0], "merged_from": [{"command": d["command"], "date": d["date"]} for d in docs]}
+    for d in docs[1:]:
+        for n, w in d["workloads"].items():
+            if n in doc["workloads"] and doc["workloads"][n]["arrivals"] != w["arrivals"]:
+                raise SystemExit(f"{n}: the runs' arrival traces differ; not merged")
+            doc["workloads"].setdefault(n, w)["policies"].update(w["policies"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scheduler.json").write_text(json.dumps(doc, indent=1))
+    figure(doc, out / "scheduler.png")
+    for line in table(doc):
+        print(line)
+    return doc
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--policies", default="exclusive,lru,cost")
+    ap.add_argument("--policies", default="exclusive,lru,cost,static")
     ap.add_argument("--workloads", default="copay,nopay")
-    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per policy (default 40, "
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per policy (default 30, "
                     "--quick 3)")
-    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 3, --quick 4)")
+    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 6, --quick 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--link", default="a6000-pcie4", help="a link target (tidal.backends.link.TARGETS) or GB/s")
+    ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c) or "
+                    "GB/s, for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 3 s of arrivals: a smoke run")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="no run: merge these scheduler.json files "
+                    "(per workload, a later file's policies replace an earlier's) into DIR and redraw the figure")
     args = ap.parse_args(argv)
-    args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 40.0)
-    args.rate = args.rate if args.rate is not None else (4.0 if args.quick else 3.0)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
+    args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 30.0)
+    args.rate = args.rate if args.rate is not None else (4.0 if args.quick else 6.0)
     run(args)
 
 

@@ -9,14 +9,13 @@ import threading
 import time
 
 import numpy as np
-import torch
-
 import tidal
+import torch
 from tidal.errors import ConfigError
 from tidal.presets import Preset, build
 
-COMMON = dict(model_type="llama", tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=512,
-              rms_norm_eps=1e-5)
+COMMON = {"model_type": "llama", "tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 512,
+              "rms_norm_eps": 1e-5}
 
 
 def shape(name, hidden, layers, vocab, inter=None, heads=None):
@@ -45,9 +44,10 @@ class Workload:
     zipf_s: float
     prompt_len: tuple = (4, 24)
     output_len: tuple = (8, 32)
+    link: str = "a6000-pcie4"  # the emulated link unless --link says otherwise
 
     def describe(self) -> dict:
-        return {"name": self.name, "what": self.what, "budget_of_sum": self.budget_of_sum, "zipf_s": self.zipf_s,
+        return {"name": self.name, "what": self.what, "default_link": self.link, "budget_of_sum": self.budget_of_sum, "zipf_s": self.zipf_s,
                 "prompt_len_uniform": list(self.prompt_len), "output_len_uniform": list(self.output_len),
                 "models": [{"name": m.name, "hidden": m.preset.hidden_size, "layers": m.preset.num_hidden_layers,
                             "intermediate": m.preset.intermediate_size, "vocab": m.preset.vocab_size,
@@ -57,30 +57,31 @@ class Workload:
 
 def workloads(quick: bool) -> dict[str, Workload]:
     if quick:  # seconds on a CPU: tiny shapes, loose SLOs
-        s = lambda n, h, l: shape(f"sb-quick-{n}", h, l, 256)  # noqa: E731
+        s = lambda n, h, l: shape(f"sb-quick-{n}", h, l, 256)
         ms = (Model("a", s("a", 64, 4), 2.0, 0.5), Model("b", s("b", 64, 3), 2.0, 0.5), Model("c", s("c", 64, 2), 2.0, 0.5))
-        return {"copay": Workload("copay", "quick smoke", ms, 0.75, 0.6, (3, 8), (3, 8)),
-                "nopay": Workload("nopay", "quick smoke", ms[::-1], 0.5, 1.2, (3, 8), (3, 8))}
-    big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # noqa: E731  # the `tiny` preset's layer: 3.15 MB fp32
+        # the same three checkpoints and a fixed link in both, so that the cost policy's profiles are shared
+        return {"copay": Workload("copay", "quick smoke", ms, 0.75, 0.6, (3, 8), (3, 8), link="0.02"),
+                "nopay": Workload("nopay", "quick smoke", ms, 0.5, 1.2, (3, 8), (3, 8), link="0.02")}
+    big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # the `tiny` preset's layer: 3.15 MB fp32
     copay = Workload(
         "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.6), switching "
-                 "often; a whole-model reload costs tens of decode steps over the link, a few streamed layers "
-                 "of a model that keeps most of them resident cost less",
-        (Model("L12", big("L12", 12), 1.5, 0.10), Model("L10", big("L10", 10), 1.5, 0.10),
-         Model("L8", big("L8", 8), 1.5, 0.10)), 0.8, 0.6)
+                 "often, a tight TTFT SLO; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a "
+                 "decode step about 2x, a whole-model reload 8.9x the model's decode step plus its KV",
+        (Model("L12", big("L12", 12), 0.15, 0.05), Model("L10", big("L10", 10), 0.15, 0.05),
+         Model("L8", big("L8", 8), 0.15, 0.05)), 0.96, 0.6, link="gh200-c2c")
     nopay = Workload(
         "nopay", "co-residency should not pay: a small, popular model (Zipf s=1.2, rank 1) whose decode "
                  "collapses when any of its layers streams behind the link, and two larger, rarer ones; the "
                  "budget holds the largest and the small one",
-        (Model("S4", shape("sb-S4", 128, 4, 512), 1.0, 0.03), Model("L12", big("L12", 12), 2.0, 0.10),
-         Model("L8", big("L8", 8), 2.0, 0.10)), 0.62, 1.2)
+        (Model("S4", shape("sb-S4", 128, 4, 512), 0.3, 0.02), Model("L12", big("L12", 12), 1.0, 0.06),
+         Model("L8", big("L8", 8), 1.0, 0.06)), 0.62, 1.2)
     return {"copay": copay, "nopay": nopay}
 
 
 def engine_kwargs(quick: bool) -> dict:
     kv = 1 << 20 if quick else 1 << 22
-    return dict(dtype=torch.float32, kv_cache_bytes=kv, host_kv_bytes=kv, block_size=8, kernels="reference",
-                max_batch_size=8)
+    return {"dtype": torch.float32, "kv_cache_bytes": kv, "host_kv_bytes": kv, "block_size": 8, "kernels": "reference",
+                "max_batch_size": 8, "prefetch_depth": 1}
 
 
 def build_models(w: Workload, cache_dir=None) -> dict:
@@ -88,13 +89,22 @@ def build_models(w: Workload, cache_dir=None) -> dict:
             for i, m in enumerate(w.models)}
 
 
+# A target the runtime does not list: NVIDIA GH200's HBM3 (4.0 TB/s, the 96 GB part) behind NVLink-C2C (900 GB/s
+# both ways, 450 per direction, from the datasheet): a layer's copy 8.9x its decode, the lowest ratio of a
+# shipping GPU and its host link. The runtime's TARGETS (PCIe) range from 23 (RTX 5000 Ada, Gen4) to 192.
+EXTRA_TARGETS = {"gh200-c2c": ("GH200 (HBM3, 96 GB)", 4000.0, "NVLink-C2C", 450.0)}
+
+
 def make_link(spec: str, path, kw: dict):
-    """`spec` GB/s, or a target calibrated on the model at `path` (tidal.study.emulation.calibrate_link)."""
+    """`spec` GB/s, or a target (tidal.backends.link.TARGETS or EXTRA_TARGETS) calibrated on the model at
+    `path` (tidal.study.emulation.calibrate_link)."""
     try:
         return tidal.backends.LinkEmulation(float(spec), f"{float(spec):g} GB/s")
     except ValueError:
+        from tidal.backends.link import LinkTarget
         from tidal.study.emulation import calibrate_link
-        return calibrate_link(tidal.Engine.placement(path, device="cpu", **kw), spec)
+        target = LinkTarget(spec, *EXTRA_TARGETS[spec]) if spec in EXTRA_TARGETS else spec
+        return calibrate_link(tidal.Engine.placement(path, device="cpu", **kw), target)
 
 
 def arrivals(w: Workload, duration: float, rate: float, seed: int) -> list[dict]:
@@ -144,8 +154,38 @@ class RecordingRuntime(tidal.Runtime):
         return r
 
 
+STATIC = "static"  # the bench's own reference policy, not tidal's: see StaticCoResidency
+
+
+class StaticCoResidency:
+    """A reference, not a tidal policy: every model loaded once at a fixed resident fraction chosen so that all
+    three fit the budget together (`static_fractions`), never preempted; every active model with work steps
+    at every tick. What pure co-residency with partial offload gives on a workload, with no switching."""
+
+    def decide(self, snapshot) -> list:
+        from tidal.policy import Load, ModelState
+        from tidal.scheduler import Step
+        loads = [Load(m.name) for m in snapshot.models if m.has_work and m.state is ModelState.UNLOADED]
+        ready = {m.name for m in snapshot.models if m.state.active} | {a.model for a in loads}
+        return loads + [Step(m.name) for m in snapshot.with_work if m.name in ready]
+
+
+def static_fractions(w: Workload, paths: dict, kw: dict, budget: int) -> dict[str, float]:
+    """The largest resident fraction f (in steps of 0.01), the same for every model, at which the three
+    models' device footprints (`Engine.placement`) fit `budget` together."""
+    for k in range(100, -1, -1):
+        f = k / 100
+        need = sum(tidal.Engine.placement(paths[m.name], device="cpu", resident_fraction=f, **kw).footprint.device
+                   for m in w.models)
+        if need <= budget:
+            return {m.name: f for m in w.models}
+    raise ConfigError("the models do not fit the budget together even with every layer streamed")
+
+
 def policy_available(policy: str) -> str | None:
-    """None when `tidal.scheduler` resolves `policy`, else why not."""
+    """None when `tidal.scheduler` resolves `policy` (or it is the bench's STATIC), else why not."""
+    if policy == STATIC:
+        return None
     try:
         tidal.scheduler.resolve(policy)
         return None
@@ -154,18 +194,20 @@ def policy_available(policy: str) -> str | None:
 
 
 def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: int, trace: list,
-               drain_s: float, cost_models: dict | None = None) -> dict:
+               drain_s: float, cost_models: dict | None = None, fractions: dict | None = None) -> dict:
     """One live run: the scheduler's loop in its thread (`sched.start()`), a feeder thread submitting each
     arrival at its timestamp, then up to `drain_s` for the rest to finish."""
     rt = RecordingRuntime(device="cpu", device_budget_bytes=budget)
-    sched = tidal.Scheduler(rt, policy=policy)
+    sched = tidal.Scheduler(rt, policy=StaticCoResidency() if policy == STATIC else policy)
     params = inspect.signature(sched.add_model).parameters
     for m in w.models:
         extra = {}
         if "slo_ttft_s" in params:  # the cost policy's inputs, where the scheduler takes them
-            extra = dict(slo_ttft_s=m.slo_ttft_s, slo_tpot_s=m.slo_tpot_s)
+            extra = {"slo_ttft_s": m.slo_ttft_s, "slo_tpot_s": m.slo_tpot_s}
             if cost_models and cost_models.get(m.name) is not None:
                 extra["cost_model"] = cost_models[m.name]
+        if fractions:
+            extra["resident_fraction"] = fractions[m.name]
         sched.add_model(m.name, paths[m.name], link=link, **kw, **extra)
     reqs: list = []
     t0 = time.monotonic()
