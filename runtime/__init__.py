@@ -15,9 +15,10 @@ and `import tidal` stays cheap.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 import types
+
+from .lazy import exports
 
 __version__ = "0.1.0"
 
@@ -45,19 +46,7 @@ _MODULES = {"costmodel", "errors", "native", "presets", "modes", "policy", "sche
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tidal' has no attribute {name!r}")
-    mod = importlib.import_module(module, __name__)
-    value = mod if name in _MODULES else getattr(mod, name)
-    globals()[name] = value  # once imported, later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports(__name__, _EXPORTS, _MODULES)
 
 
 class _Package(types.ModuleType):

@@ -11,11 +11,9 @@ import torch
 
 import tidal
 from tidal.errors import ConfigError, OutOfDeviceMemory, PromptError, StateError
-from tidal.presets import Preset, build
+from scheduler_util import alone, build_models, tiny
 
-TINY = Preset("sched-tiny", "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
-              rope_theta=10000.0, max_position_embeddings=48, rms_norm_eps=1e-5)
+TINY = tiny("sched-tiny", layers=2)
 KW = dict(dtype=torch.float32, kv_cache_bytes=1 << 15, host_kv_bytes=1 << 15, block_size=4, kernels="reference")
 NAMES = ("m0", "m1", "m2")
 PROMPTS = {  # per model: (prompt, max_new_tokens)
@@ -27,18 +25,12 @@ PROMPTS = {  # per model: (prompt, max_new_tokens)
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sched")
-    return {n: build(TINY, torch.float32, cache_dir=root, seed=i, log=lambda s: None) for i, n in enumerate(NAMES)}
+    return build_models(TINY, NAMES, tmp_path_factory.mktemp("sched"))
 
 
 @pytest.fixture(scope="module")
 def reference(paths):
-    """name -> prompt tuple -> greedy tokens, each prompt run alone in a plain Engine."""
-    out = {}
-    for name, path in paths.items():
-        with tidal.Engine.from_pretrained(path, device="cpu", **KW) as engine:
-            out[name] = {tuple(p): engine.generate([p], max_new_tokens=n)[0] for p, n in PROMPTS[name]}
-    return out
+    return alone(paths, PROMPTS, KW)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import tidal
 from tidal import weights
 from tidal.costmodel import CostModel, LinkFit, StepFit
 from tidal.errors import ConfigError
-from tidal.presets import Preset, build
+from scheduler_util import alone, build_models, tiny
 
-TINY = Preset("cost-tiny", "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
-              rope_theta=10000.0, max_position_embeddings=48, rms_norm_eps=1e-5)
+TINY = tiny("cost-tiny", layers=4)
 # prefetch_depth=0: a one-slot ring, so that streaming layers frees device bytes on a 4-layer model
 KW = dict(dtype=torch.float32, kv_cache_bytes=1 << 15, host_kv_bytes=1 << 15, block_size=4, kernels="reference",
           prefetch_depth=0)
@@ -22,17 +20,12 @@ PROMPTS = {"m0": [([1, 2, 3, 4], 6), ([9, 8, 7], 5)], "m1": [([3, 1, 4, 1, 5], 6
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cost")
-    return {n: build(TINY, torch.float32, cache_dir=root, seed=i, log=lambda s: None) for i, n in enumerate(PROMPTS)}
+    return build_models(TINY, PROMPTS, tmp_path_factory.mktemp("cost"))
 
 
 @pytest.fixture(scope="module")
 def reference(paths):
-    out = {}
-    for name, path in paths.items():
-        with tidal.Engine.from_pretrained(path, device="cpu", **KW) as engine:
-            out[name] = {tuple(p): engine.generate([p], max_new_tokens=n)[0] for p, n in PROMPTS[name]}
-    return out
+    return alone(paths, PROMPTS, KW)
 
 
 @pytest.fixture(scope="module")

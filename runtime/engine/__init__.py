@@ -8,7 +8,7 @@ The names are imported on first use (PEP 562 `__getattr__`), so that the bookkee
 `stats`, `reports`) imports without torch, for a simulator or a policy to reuse."""
 from __future__ import annotations
 
-import importlib
+from ..lazy import exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {"Engine": ".engine", "Batcher": ".batcher", "Request": ".request", "RequestState": ".request",
@@ -20,15 +20,4 @@ _EXPORTS = {"Engine": ".engine", "Batcher": ".batcher", "Request": ".request", "
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tidal.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ The names are imported on first use (PEP 562 `__getattr__`), so that `tidal.kv.a
 torch (the pools and the metadata need it; the bookkeeping does not)."""
 from __future__ import annotations
 
-import importlib
+from ..lazy import exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {"BlockAllocator": ".allocator", "Detached": ".allocator", "PagedKVCache": ".cache",
@@ -14,15 +14,4 @@ _EXPORTS = {"BlockAllocator": ".allocator", "Detached": ".allocator", "PagedKVCa
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tidal.kv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports(__name__, _EXPORTS)
