@@ -288,7 +288,8 @@ def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
         "switches": {k: kinds.count(k) for k in ("Preempt", "Resume", "Load", "Unload")},
         "residency_changes": kinds.count("SetResidency"), "steps": kinds.count("Step"),
         "bytes_moved": moved,
-        "trace": [{k: e[k] for k in ("time", "action", "model", "args")} for e in trace if e["action"] != "Step"],
+        "trace": [{k: e.get(k) for k in ("time", "action", "model", "args", "predicted_s", "measured_s")}
+                  for e in trace if e["action"] != "Step"],
         "step_times": {m.name: [round(e["time"], 4) for e in trace if e["action"] == "Step" and e["model"] == m.name]
                        for m in w.models},
         "requests_detail": rows,

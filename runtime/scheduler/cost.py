@@ -20,6 +20,9 @@ from .state import ModelSnapshot, SetResidency, Snapshot, Step, set_residency
 
 TIERS = (("host", "swap"), ("host", "recompute"), ("disk", "swap"), ("disk", "recompute"))  # ties: the first
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
+# (and only when the round's gain over the queued tokens also pays for the layers moved)
+DISK_MARGIN = 0.5  # weights go to disk, when the host budget takes them, only for a round trip this much cheaper:
+# a profile measures the disk read once, at one size, from a warm page cache (a lower bound of a cold read)
 
 
 def load_cost_model(value, name: str):
@@ -103,16 +106,21 @@ class CostScheduling:
     idle active models are preempted least recently used first only while the budget needs their room, then
     layer by layer the model whose predicted step shrinks most per device byte gets one more resident layer
     while it fits (the step is convex in the streamed layers, so this greedy minimises the round). Models
-    already co-resident keep their residencies unless the new ones shorten the round by REBALANCE. Predicted
+    already co-resident keep their residencies unless the new ones shorten the round by REBALANCE and the
+    gain over the queued tokens pays for the layers' copies (a balanced co-residency stays put). Predicted
     TPOT = the round; TTFT = the wait so far + the plan's transitions + one round.
 
     (b) Time-slicing: one model active, at the most resident layers that fit, the other models with work
-    preempted to the tier with the cheapest predicted round trip (preempt + resume; weights host or disk, KV
-    swap or recompute) that the host budget takes. A switch is worth its reload only once amortised: the
-    model on the device keeps it for a quantum Q = max(one step, `amortise` x its switch cost) seconds since
-    it came in (or until its work is done), then the most urgent other model (least TTFT slack, then oldest
-    request) takes it. Predicted, round robin at steady state: cycle = sum_m (switch_m + Q_m); TPOT_m =
+    preempted: weights to the host whenever the host budget takes them unless disk's predicted round trip
+    (preempt + resume) is cheaper by DISK_MARGIN, KV swapped or recomputed, whichever is cheaper (`_tier`). A
+    switch is worth its reload only once amortised: the model on the device keeps it for a quantum Q =
+    max(one step, `amortise` x the dearest switch cost among the models with work) seconds since it came in
+    (or until its work is done), then the most urgent other model (least TTFT slack, then oldest request)
+    takes it if it is due (`_due`: a model still within its TTFT slack is not switched to). Predicted, round robin at steady state: cycle = sum_m (switch_m + Q_m); TPOT_m =
     cycle x step_m / Q_m; TTFT = wait + cycle - Q_m + step_m.
+
+    Hysteresis: the kind of plan chosen last stays unless the other's gain covers the switch
+    (`_worth_switching`: its transitions' predicted seconds, and as much again to come back).
 
     Aging (`policies.Aging`, reused): once a model has aged, time-slicing serves the first aged model (it
     preempts any other), and co-residency steps every model with work anyway; so the exclusive and lru
@@ -134,6 +142,7 @@ class CostScheduling:
         self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
         self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
+        self._kind: str | None = None  # the kind of plan the last decide chose (hysteresis)
 
     # -- predictions -----------------------------------------------------------------------------------------
     def cost_model(self, snapshot: Snapshot, m: ModelSnapshot):
@@ -208,40 +217,68 @@ class CostScheduling:
             self.last_estimates = []
             return self._fallback.decide(snapshot)
         plans.sort(key=lambda p: p[0].key())
+        now = [p for p in plans if p[0].kind == self._kind]
+        if now and plans[0] is not now[0] and not self._worth_switching(work, now[0], plans[0]):
+            plans.remove(now[0])
+            plans.insert(0, now[0])
         plan = plans[0][1]
+        self._kind = plans[0][0].kind
         self.last_estimates = [p[0] for p in plans]
         self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
         return plan.actions
 
+    @staticmethod
+    def _worth_switching(work: list[ModelSnapshot], now, alt) -> bool:
+        """Whether to leave the current kind of plan (`now`: (Estimate, _Plan)) for `alt`: only when alt's gain
+        covers the switch, whose cost S is alt's transitions (preempts, resumes, residency changes) and at least
+        as much again to come back. In violation: alt's must be lower by S / SLO_TTFT summed over the models
+        with a TTFT SLO (the overshoot the switch's transitions put on their first tokens); at equal violation,
+        alt's seconds must be lower by S."""
+        (cur, _), (new, plan) = now, alt
+        switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
+        margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s)
+        if round(new.violation, 9) < round(cur.violation, 9):
+            return new.violation + margin < cur.violation
+        return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + switch < cur.seconds
+
     def _step(self, m: ModelSnapshot, resident: int) -> float:
         return self._cms[m.name].predict_step(resident, max(1, m.queued + m.in_flight), m.context)
 
-    def _evict(self, plan: _Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
-        """Preempt `m` to the tier with the cheapest predicted round trip that the host budget takes."""
-        view, best = plan.view, None
-        copy = view.model(m.name).host_copy_bytes
+    def _tier(self, cm, m: ModelSnapshot, resident: int, host_fits: bool) -> tuple[float, str, str] | None:
+        """(predicted round trip, weights, kv) of the tier `m` is preempted to: the host whenever `host_fits`,
+        unless disk's round trip is cheaper by DISK_MARGIN (its prediction is the profile's warm-cache read, and
+        a host copy is no dearer to keep: the copy-out is the only term disk saves); KV swap or recompute,
+        whichever is cheaper. None when no tier can be predicted."""
+        best = {}
         for weights, kv in TIERS:
-            if weights == "host" and view.host_budget is not None and \
-                    view.host_used + copy + reserve_host > view.host_budget:
+            if weights == "host" and not host_fits:
                 continue
             try:
-                seconds = self._round_trip(self.cost_model(plan.snapshot, m), m, plan.resident[m.name],
-                                           weights, kv)
+                seconds = self._round_trip(cm, m, resident, weights, kv)
             except ConfigError:
                 continue
-            if best is None or seconds < best[0]:
-                best = (seconds, Preempt(m.name, weights, kv))
-        plan.add(best[1] if best else evict(view, m.name, reserve_host))
+            if weights not in best or seconds < best[weights][0]:
+                best[weights] = (seconds, weights, kv)
+        host, disk = best.get("host"), best.get("disk")
+        if host is not None and (disk is None or not disk[0] < (1 - DISK_MARGIN) * host[0]):
+            return host
+        return disk
 
-    def _switch_cost(self, m: ModelSnapshot, resident: int) -> float:
-        """The cheapest predicted round trip (preempt + resume) of `m` (0 when none can be predicted)."""
-        costs = []
-        for weights, kv in TIERS:
-            try:
-                costs.append(self._round_trip(self._cms[m.name], m, resident, weights, kv))
-            except ConfigError:
-                pass
-        return min(costs, default=0.0)
+    def _evict(self, plan: _Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
+        """Preempt `m` to the tier `_tier` chooses, the host only when the host budget takes its copy."""
+        view = plan.view
+        host_fits = view.host_budget is None or \
+            view.host_used + view.model(m.name).host_copy_bytes + reserve_host <= view.host_budget
+        tier = self._tier(self.cost_model(plan.snapshot, m), m, plan.resident[m.name], host_fits)
+        plan.add(Preempt(m.name, tier[1], tier[2]) if tier else evict(view, m.name, reserve_host))
+
+    def _switch_cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int) -> float:
+        """The predicted round trip (preempt + resume) of `m` to the tier `_tier` would choose (0 when none can
+        be predicted)."""
+        host_fits = snapshot.host_budget is None or \
+            snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
+        tier = self._tier(self._cms[m.name], m, resident, host_fits)
+        return tier[0] if tier else 0.0
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""
@@ -275,9 +312,13 @@ class CostScheduling:
             target = self._greedy(work, lo, room(lo))
             if all(m.state.active for m in work):
                 now = {m.name: m.resident_layers() for m in work}
-                if sum(self._step(m, target[m.name]) for m in work) > \
-                        (1 - REBALANCE) * sum(self._step(m, now[m.name]) for m in work):
-                    target = now  # not worth moving layers
+                new_round = sum(self._step(m, target[m.name]) for m in work)
+                old_round = sum(self._step(m, now[m.name]) for m in work)
+                moves = sum(self.cost(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))
+                            or 0.0 for m in work if target[m.name] != now[m.name])
+                tokens = max(max(1, m.remaining_tokens) for m in work)
+                if new_round > (1 - REBALANCE) * old_round or (old_round - new_round) * tokens <= moves:
+                    target = now  # not worth moving layers: a small gain, or one the moves' copies eat
             for m in work:  # shrink first, then bring in, then grow: the bytes in use only rise to the target
                 if m.state.active and target[m.name] < plan.resident[m.name]:
                     plan.add(SetResidency(m.name, target[m.name] / m.num_layers))
@@ -321,9 +362,13 @@ class CostScheduling:
     def _time_slice(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]):
         alone = {m.name: self._alone(snapshot, m) for m in work}
         step = {m.name: self._step(m, alone[m.name]) for m in work}
-        switch = {m.name: self._switch_cost(m, alone[m.name]) if len(work) > 1 else 0.0 for m in work}
-        quantum = {m.name: min(max(step[m.name], self.amortise * switch[m.name]),
-                               max(1, m.remaining_tokens) * step[m.name]) for m in work}
+        switch = {m.name: self._switch_cost(snapshot, m, alone[m.name]) if len(work) > 1 else 0.0 for m in work}
+        dearest = max(switch.values(), default=0.0)  # a quantum ends in a switch to another model and back
+        # the device is held for the whole quantum (a model that finishes sooner leaves by itself: predicting
+        # its end from the remaining tokens cut quanta short, as new requests join its batch); the estimate
+        # below counts only the time its queued work needs
+        hold = {m.name: max(step[m.name], self.amortise * max(switch[m.name], dearest)) for m in work}
+        quantum = {m.name: min(hold[m.name], max(1, m.remaining_tokens) * step[m.name]) for m in work}
         active = [m for m in work if m.state.active]
         current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
         others = sorted((m for m in work if m is not current), key=lambda m: (
@@ -331,10 +376,12 @@ class CostScheduling:
             -(m.oldest_age_s or 0.0), m.name))
         if aged:
             x = aged[0]
-        elif current is not None and (current.active_s < quantum[current.name] or not others):
+        elif current is not None and (current.active_s < hold[current.name] or not others or
+                                      not any(self._due(o, hold[current.name], switch[o.name]) for o in others)):
             x = current
         else:
-            x = others[0]
+            x = next(o for o in others if self._due(o, hold[current.name], switch[o.name])) \
+                if current is not None else others[0]
         plan = _Plan(self, snapshot)
         try:
             reserve = 0 if x.state.active else x.need().host_bytes
@@ -372,6 +419,16 @@ class CostScheduling:
         seconds = setup + sum(max(1, m.remaining_tokens) * step[m.name] + switch[m.name] * (
             math.ceil(max(1, m.remaining_tokens) * step[m.name] / quantum[m.name]) - (m is x)) for m in work)
         return Estimate("time-slicing", violation, seconds), plan
+
+    @staticmethod
+    def _due(m: ModelSnapshot, quantum: float, switch: float) -> bool:
+        """Whether `m`, waiting off the device, is due the device at the end of another model's quantum: its
+        requests in flight (stalled mid-generation by its preemption), or no request waiting for a first
+        token, or no TTFT SLO, or its oldest request without a token would miss that SLO if it waited one more `quantum` plus
+        its own `switch`. A model still within its TTFT slack is not switched to (aging serves it anyway)."""
+        if m.first_token_wait_s is None or m.slo_ttft_s is None or m.in_flight > 0:
+            return True
+        return m.first_token_wait_s + quantum + switch >= m.slo_ttft_s
 
     def __repr__(self) -> str:
         return (f"CostScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks}"
