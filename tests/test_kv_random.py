@@ -223,7 +223,9 @@ def test_random_interleavings_real_backend(device):
     dtype = torch.float32
     cache = PagedKVCache(L, H, D, BS, 40, 48, dtype, device, backend=make_backend(device))
     counts = _run(cache, None, seed=1234, steps=3000)
-    assert counts["swap_out"] > 150 and counts["swap_in"] > 150 and counts["fork"] > 100, counts
+    # a floor on coverage: how many swaps find their sequences unlocked depends on when copies finish (about
+    # 200 each way plain, 150 under the ordering check's delayed copies), so the floor sits well below both
+    assert counts["swap_out"] > 75 and counts["swap_in"] > 75 and counts["fork"] > 100, counts
 
 
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])

@@ -242,7 +242,7 @@ def test_budgets_hold_for_every_plan_over_random_snapshots():
 
 
 def test_cost_model_inputs(tmp_path):
-    from tidal.scheduler.cost import load_cost_model
+    from tidal.scheduler.plans import load_cost_model
 
     cm = cost_model()
     assert load_cost_model(cm, "a") is cm

@@ -9,87 +9,19 @@ the policy predicts both with the cost models and takes the cheaper one.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 
 from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
-from .state import ModelSnapshot, SetResidency, Snapshot, Step, set_residency
+from .plans import Estimate, Plan, over
+from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 TIERS = (("host", "swap"), ("host", "recompute"), ("disk", "swap"), ("disk", "recompute"))  # ties: the first
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
 DISK_MARGIN = 0.5  # weights go to disk, when the host budget takes them, only for a round trip this much cheaper:
 # a profile measures the disk read once, at one size, from a warm page cache (a lower bound of a cold read)
-
-
-def load_cost_model(value, name: str):
-    """`add_model(cost_model=...)`: a CostModel as given, or one fitted to every decode and preemption row of
-    the profile.json at a path (`tidal.study.costfit`'s samples). ConfigError naming `name` otherwise."""
-    from ..costmodel import CostModel
-
-    if isinstance(value, (str, os.PathLike)):
-        from ..study import costfit, schema
-
-        doc = schema.load(value)
-        try:
-            value = CostModel.fit(costfit.decode_samples(doc), costfit.transfer_samples(doc))
-        except ConfigError as exc:
-            raise ConfigError(f"model {name!r}: no cost model could be fitted from {value}: {exc}") from None
-    if not isinstance(value, CostModel) or value.step is None or value.step.a0 is None:
-        raise ConfigError(f"model {name!r}: cost_model={value!r} must be a CostModel with a fitted decode step, "
-                          "or the path of a profile.json")
-    return value
-
-
-def _over(seconds, slo) -> float:
-    return 0.0 if seconds is None or slo is None else max(0.0, seconds / slo - 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    """A candidate plan's predicted outcome: `violation`, the sum over models with work of the relative
-    overshoot of predicted TPOT and TTFT over their SLOs (0: every SLO met); `seconds`, the predicted time to
-    finish the work queued now."""
-
-    kind: str  # "co-residency" or "time-slicing"
-    violation: float
-    seconds: float
-
-    def key(self) -> tuple[float, float]:
-        return round(self.violation, 9), self.seconds
-
-
-class _Plan:
-    """Actions built one at a time over the snapshot, each checked as `check_actions` checks it (a refused one
-    raises and is not added), with each one's predicted seconds."""
-
-    def __init__(self, policy: CostScheduling, snapshot: Snapshot):
-        self.policy, self.snapshot, self.view = policy, snapshot, snapshot.pool()
-        self.resident = {m.name: m.resident_layers() for m in snapshot.models}
-        self.actions, self.costs = [], []
-
-    @property
-    def seconds(self) -> float:
-        return sum(c or 0.0 for c in self.costs)
-
-    def add(self, action) -> None:
-        m = self.snapshot.model(action.model)
-        if isinstance(action, (Step, SetResidency)) and not self.view.model(m.name).state.active:
-            raise StateError(f"{action}: {m.name!r} is not active")
-        if isinstance(action, SetResidency):
-            view, new = set_residency(self.view, m, self.resident[m.name], action.fraction)
-        elif isinstance(action, Step):
-            view, new = self.view, self.resident[m.name]
-        else:
-            request = None if isinstance(action, Preempt) else \
-                dataclasses.replace(m, view=self.view.model(m.name)).need()
-            view, new = dataclasses.replace(self.view, request=request).apply(action), self.resident[m.name]
-        self.costs.append(self.policy.cost(self.snapshot, m, self.resident[m.name], action))
-        self.view, self.resident[m.name] = view, new
-        self.actions.append(action)
 
 
 class CostScheduling:
@@ -229,7 +161,7 @@ class CostScheduling:
 
     @staticmethod
     def _worth_switching(work: list[ModelSnapshot], now, alt) -> bool:
-        """Whether to leave the current kind of plan (`now`: (Estimate, _Plan)) for `alt`: only when alt's gain
+        """Whether to leave the current kind of plan (`now`: (Estimate, Plan)) for `alt`: only when alt's gain
         covers the switch, whose cost S is alt's transitions (preempts, resumes, residency changes) and at least
         as much again to come back. In violation: alt's must be lower by S / SLO_TTFT summed over the models
         with a TTFT SLO (the overshoot the switch's transitions put on their first tokens); at equal violation,
@@ -264,7 +196,7 @@ class CostScheduling:
             return host
         return disk
 
-    def _evict(self, plan: _Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
+    def _evict(self, plan: Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
         """Preempt `m` to the tier `_tier` chooses, the host only when the host budget takes its copy."""
         view = plan.view
         host_fits = view.host_budget is None or \
@@ -292,7 +224,7 @@ class CostScheduling:
     def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
         if any(not m.num_layers or not m.layer_bytes for m in work):
             return None  # residency bytes unknown: no co-residency to budget
-        plan, names = _Plan(self, snapshot), {m.name for m in work}
+        plan, names = Plan(self, snapshot), {m.name for m in work}
         lo = {m.name: 0 if m.state.active else m.resident_layers() for m in work}
         at = {m.name: m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers()) for m in work}
         budget = math.inf if snapshot.device_budget is None else snapshot.device_budget
@@ -334,7 +266,7 @@ class CostScheduling:
             plan.add(Step(m.name))
         rnd = sum(self._step(m, target[m.name]) for m in work)
         setup = plan.seconds - sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if isinstance(a, Step))
-        violation = sum(_over(rnd, m.slo_tpot_s) + _over(
+        violation = sum(over(rnd, m.slo_tpot_s) + over(
             None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s) for m in work)
         seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
         return Estimate("co-residency", violation, seconds), plan
@@ -382,7 +314,7 @@ class CostScheduling:
         else:
             x = next(o for o in others if self._due(o, hold[current.name], switch[o.name])) \
                 if current is not None else others[0]
-        plan = _Plan(self, snapshot)
+        plan = Plan(self, snapshot)
         try:
             reserve = 0 if x.state.active else x.need().host_bytes
             for v in plan.view.lru_order():
@@ -415,7 +347,7 @@ class CostScheduling:
             tpot = cycle * step[n] / quantum[n] if len(work) > 1 else step[n]
             ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + (
                 setup if m is x else cycle - quantum[n]) + step[n]
-            violation += _over(tpot, m.slo_tpot_s) + _over(ttft, m.slo_ttft_s)
+            violation += over(tpot, m.slo_tpot_s) + over(ttft, m.slo_ttft_s)
         seconds = setup + sum(max(1, m.remaining_tokens) * step[m.name] + switch[m.name] * (
             math.ceil(max(1, m.remaining_tokens) * step[m.name] / quantum[m.name]) - (m is x)) for m in work)
         return Estimate("time-slicing", violation, seconds), plan

@@ -19,6 +19,7 @@ from ..engine.request import token_list
 from ..errors import ConfigError, OutOfDeviceMemory, PromptError, StateError
 from ..policy import Load, ModelState, ModelView, Preempt, Resume
 from ..sampling import SamplingParams
+from .plans import load_cost_model
 from .policies import resolve
 from .requests import ScheduledRequest, Trace
 from .state import ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
@@ -60,8 +61,6 @@ class Scheduler:
         self.runtime = runtime
         self.cost_models = dict(cost_models or {})
         if getattr(self.policy, "needs_cost_models", False):
-            from .cost import load_cost_model
-
             self.cost_models = {n: load_cost_model(cm, n) for n, cm in self.cost_models.items()}
             missing = sorted(set(runtime.models) - set(self.cost_models))
             if missing:
@@ -108,8 +107,6 @@ class Scheduler:
             if cost_model is None:
                 raise ConfigError(f"policy {self.policy!r} needs a cost model for model {name!r}: pass "
                                   "add_model(..., cost_model=CostModel or profile.json path)")
-            from .cost import load_cost_model
-
             cost_model = load_cost_model(cost_model, name)
         if name in self._models or name in self.runtime.models:
             raise ConfigError(f"a model named {name!r} is registered or loaded already")
