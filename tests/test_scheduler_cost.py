@@ -332,3 +332,58 @@ def test_a_model_within_its_ttft_slack_is_not_switched_to():
     assert _cheap_and_dear(1.5, b_queued=1, b_in_flight=0, first_wait=0.1, ttft=10.0) == [Step("a")]
     # the same request close to its SLO (another quantum and b's switch would miss it): b is due
     assert _cheap_and_dear(1.5, b_queued=1, b_in_flight=0, first_wait=8.5, ttft=10.0)[-1] == Step("b")
+
+
+# -- the mixed plan: a co-resident core, the others time-sliced beside it (issue 14's nopay) ----------------------
+def _sized(name, layers, lb, state=S.ACTIVE, resident=None, last=0, active_s=0.0, skipped=0, tpot=0.06, ttft=1.0):
+    r = layers if resident is None else resident
+    dev = BASE + (r + min(RING, layers - r)) * lb
+    view = ModelView(name, state, dev if state is S.ACTIVE else 0, r * lb if state is S.PREEMPTED_HOST else 0, dev, 0,
+                     host_copy_bytes=0 if state is S.PREEMPTED_HOST else r * lb, last_used=last)
+    return ModelSnapshot(view, r / layers, 0, 2, oldest_age_s=1.0, skipped_ticks=skipped, slo_ttft_s=ttft,
+                         slo_tpot_s=tpot, context=64, remaining_tokens=20, first_token_wait_s=None,
+                         active_s=active_s if state is S.ACTIVE else 0.0,
+                         preempted_kv="swap" if state.preempted else None, ring_slots=RING, num_layers=layers,
+                         layer_bytes=lb)
+
+
+def _sized_cm(layers, lb, t0, reload):
+    """A decode step of t0 all resident; a streamed layer costs 30 ms (a PCIe-like link: offload is severe)."""
+    step = StepFit(layers, lb, t0, 0.0, 0.0, lb / 0.03, 0.0005, 1)
+    full = layers * lb
+    links = (LinkFit("weights_host_out", 1e-3, 1e12, 1), LinkFit("weights_host_in", 0.0, full / reload, 1),
+             LinkFit("weights_disk_in", 0.0, full / (2 * reload), 1), LinkFit("kv_swap_out", 1e-4, 1e9, 1),
+             LinkFit("kv_swap_in", 1e-4, 1e9, 1))
+    return CostModel(step, links, None)
+
+
+NOPAY_CMS = {"S4": _sized_cm(4, 2, 0.004, 0.02), "L12": _sized_cm(12, 10, 0.015, 0.3),
+             "L8": _sized_cm(8, 10, 0.010, 0.2)}
+
+
+def _nopay(l12, l8):
+    """S4 small and popular with tight SLOs (full: 18 bytes), L12 (130) and L8 (90) with loose ones; a budget of
+    150: S4 fits whole beside either large model, the two large ones not together."""
+    s4 = _sized("S4", 4, 2, last=2, tpot=0.02, ttft=0.3)
+    return Snapshot(0.0, 0, 150, None, (s4, l12, l8), NOPAY_CMS)
+
+
+def test_mixed_plan_keeps_the_small_tight_slo_model_and_one_large_one_and_preempts_the_third():
+    # from an all-co-resident state (both large models mostly streamed): L8 out, L12 whole beside S4
+    s = _nopay(_sized("L12", 12, 10, resident=3, last=2), _sized("L8", 8, 10, resident=2, last=1))
+    policy = CostScheduling()
+    assert decide(policy, s) == [Preempt("L8", "host", "swap"), SetResidency("L12", 1.0), Step("L12"), Step("S4")]
+    best = policy.last_estimates[0]
+    assert (best.kind, best.core) == ("mixed", ("S4",))
+    assert all(e.violation > best.violation for e in policy.last_estimates[1:])  # co-residency, time-slicing
+    # on the next tick (S4 and L12 whole, L8 preempted with work) it stays: only steps
+    after = _nopay(_sized("L12", 12, 10, last=2, active_s=0.1), _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
+    assert decide(policy, after) == [Step("L12"), Step("S4")]
+    # once L12's quantum is held, L8 takes its slot; S4 stays, untouched
+    held = _nopay(_sized("L12", 12, 10, last=2, active_s=5.0), _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
+    actions = decide(policy, held)
+    assert actions[0] == Preempt("L12", "host", "swap") and Resume("L8") in actions
+    assert actions[-2:] == [Step("L8"), Step("S4")] and not any(a.model == "S4" for a in actions[:-1])
+    # and an aged L8 gets in within L12's quantum (the aging bound)
+    aged = _nopay(_sized("L12", 12, 10, last=2, active_s=0.1), _sized("L8", 8, 10, S.PREEMPTED_HOST, skipped=32))
+    assert {"L8", "S4"} <= {a.model for a in decide(CostScheduling(), aged) if isinstance(a, Step)}

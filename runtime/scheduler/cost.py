@@ -1,20 +1,22 @@
-"""The `cost` scheduling policy (`CostScheduling`): each tick, co-residency with partial offload or time-slicing
-with preemption, chosen from each model's fitted `tidal.costmodel.CostModel` to meet per-model SLOs on time to
-first token (TTFT) and time per output token (TPOT). Torch-free, like the other policies.
+"""The `cost` scheduling policy (`CostScheduling`): each tick, co-residency with partial offload, time-slicing
+with preemption, or a mix of both (a co-resident core, the rest time-sliced beside it), chosen from each
+model's fitted `tidal.costmodel.CostModel` to meet per-model SLOs on time to first token (TTFT) and time per
+output token (TPOT). Torch-free, like the other policies.
 
 Why both: the study (shared/PAPER.md) found that offloading slows decode non-linearly and model-dependently,
 and that a preemption costs mostly the weights' reload. Co-residency pays on every step (streamed layers);
 time-slicing pays per switch (a reload). Which is cheaper depends on the models, the machine and the load, so
-the policy predicts both with the cost models and takes the cheaper one.
+the policy predicts each with the cost models and takes the cheapest.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
-from .plans import Estimate, Plan, over
+from .plans import Estimate, Plan, due, greedy, over, quanta, slice_estimate, worth_switching
 from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 TIERS = (("host", "swap"), ("host", "recompute"), ("disk", "swap"), ("disk", "recompute"))  # ties: the first
@@ -22,12 +24,13 @@ REBALANCE = 0.05  # residencies of models already co-resident change only for a 
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
 DISK_MARGIN = 0.5  # weights go to disk, when the host budget takes them, only for a round trip this much cheaper:
 # a profile measures the disk read once, at one size, from a warm page cache (a lower bound of a cold read)
+MAX_SUBSETS = 5  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
 
 
 class CostScheduling:
-    """Co-residency or time-slicing, whichever the cost models predict meets the SLOs best.
+    """Co-residency, time-slicing or a mixed plan, whichever the cost models predict meets the SLOs best.
 
-    Objective, each tick: build two kinds of candidate plan over the snapshot and take the one with the lowest
+    Objective, each tick: build three kinds of candidate plan over the snapshot and take the one with the lowest
     (predicted SLO violation, predicted seconds to finish the queued work) (`Estimate`: violations first,
     since an SLO is a promise and time only an efficiency; time breaks ties, so that with no SLO or none
     attainable the plan that drains fastest wins).
@@ -48,19 +51,26 @@ class CostScheduling:
     switch is worth its reload only once amortised: the model on the device keeps it for a quantum Q =
     max(one step, `amortise` x the dearest switch cost among the models with work) seconds since it came in
     (or until its work is done), then the most urgent other model (least TTFT slack, then oldest request)
-    takes it if it is due (`_due`: a model still within its TTFT slack is not switched to). Predicted, round robin at steady state: cycle = sum_m (switch_m + Q_m); TPOT_m =
-    cycle x step_m / Q_m; TTFT = wait + cycle - Q_m + step_m.
+    takes it if it is due (`plans.due`: a model still within its TTFT slack is not switched to) (`_pick`).
+    Predicted, round robin at steady state: cycle = sum_m (switch_m + Q_m); TPOT_m = cycle x step_m / Q_m;
+    TTFT = wait + cycle - Q_m + step_m (`plans.slice_estimate`).
 
-    Hysteresis: the kind of plan chosen last stays unless the other's gain covers the switch
-    (`_worth_switching`: its transitions' predicted seconds, and as much again to come back).
+    (c) Mixed: a core (a subset of the models with work leaving at least two, `_cores`) always active and
+    stepped; the others time-sliced beside it in the room it leaves, the one on the device chosen as in (b)
+    (`_pick`, the quantum over the core's round plus its step), the core and it at co-residency's residencies
+    (`_co_plan`), the others preempted as in (b). Predicted as (b) with rounds for steps; the core emits
+    sum_t Q_t / round_t tokens a cycle (`plans.slice_estimate`). The best core is the mixed candidate.
 
-    Aging (`policies.Aging`, reused): once a model has aged, time-slicing serves the first aged model (it
-    preempts any other), and co-residency steps every model with work anyway; so the exclusive and lru
+    Hysteresis: the kind of plan chosen last (and a mixed plan's core) stays unless the other's gain covers
+    the switch (`plans.worth_switching`: its transitions' seconds, and as much again to come back).
+
+    Aging (`policies.Aging`, reused): once a model has aged, time-slicing and a mixed plan's slot serve the
+    first aged model (preempting any other), co-residency steps every model with work anyway; so the exclusive and lru
     bound holds: no model with work goes more than max_skipped_ticks + N - 1 ticks without a step. When
-    neither plan fits (a host budget too small for a resume) the tick falls back to `ExclusiveScheduling`.
+    no plan fits (a host budget too small for a resume) the tick falls back to `ExclusiveScheduling`.
 
     Needs, per model with work, a CostModel in `snapshot.cost_models` (ConfigError naming it otherwise) and
-    the snapshot's `num_layers`/`layer_bytes` for co-residency (without them only time-slicing is planned).
+    the snapshot's `num_layers`/`layer_bytes` for co-residency and mixed plans (without them only time-slicing).
     `predict(snapshot, action)` gives each action's predicted seconds for the trace."""
 
     needs_cost_models = True
@@ -75,6 +85,7 @@ class CostScheduling:
         self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
         self._kind: str | None = None  # the kind of plan the last decide chose (hysteresis)
+        self._core: tuple = ()  # the co-resident models of the last mixed plan chosen
 
     # -- predictions -----------------------------------------------------------------------------------------
     def cost_model(self, snapshot: Snapshot, m: ModelSnapshot):
@@ -143,35 +154,25 @@ class CostScheduling:
             return []
         self._cms = {m.name: self.cost_model(snapshot, m) for m in work}
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
+        mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
+        sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
+        if sticky and mixed[0] is not sticky[0] and not worth_switching(work, sticky[0], mixed[0]):
+            mixed.insert(0, sticky[0])
         plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
-                 if p is not None]
+                 if p is not None] + mixed[:1]
         if not plans:
             self.last_estimates = []
             return self._fallback.decide(snapshot)
         plans.sort(key=lambda p: p[0].key())
         now = [p for p in plans if p[0].kind == self._kind]
-        if now and plans[0] is not now[0] and not self._worth_switching(work, now[0], plans[0]):
+        if now and plans[0] is not now[0] and not worth_switching(work, now[0], plans[0]):
             plans.remove(now[0])
             plans.insert(0, now[0])
         plan = plans[0][1]
-        self._kind = plans[0][0].kind
+        self._kind, self._core = plans[0][0].kind, plans[0][0].core
         self.last_estimates = [p[0] for p in plans]
         self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
         return plan.actions
-
-    @staticmethod
-    def _worth_switching(work: list[ModelSnapshot], now, alt) -> bool:
-        """Whether to leave the current kind of plan (`now`: (Estimate, Plan)) for `alt`: only when alt's gain
-        covers the switch, whose cost S is alt's transitions (preempts, resumes, residency changes) and at least
-        as much again to come back. In violation: alt's must be lower by S / SLO_TTFT summed over the models
-        with a TTFT SLO (the overshoot the switch's transitions put on their first tokens); at equal violation,
-        alt's seconds must be lower by S."""
-        (cur, _), (new, plan) = now, alt
-        switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
-        margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s)
-        if round(new.violation, 9) < round(cur.violation, 9):
-            return new.violation + margin < cur.violation
-        return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + switch < cur.seconds
 
     def _step(self, m: ModelSnapshot, resident: int) -> float:
         return self._cms[m.name].predict_step(resident, max(1, m.queued + m.in_flight), m.context)
@@ -221,19 +222,40 @@ class CostScheduling:
         fits = [r for r in range(now, m.num_layers + 1) if base + m.layer_device_bytes(r) <= snapshot.device_budget]
         return max(fits, default=now)
 
+    @staticmethod
+    def _setup(plan: Plan) -> float:
+        return plan.seconds - sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if isinstance(a, Step))
+
     def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
-        if any(not m.num_layers or not m.layer_bytes for m in work):
+        built = self._co_plan(snapshot, work)
+        if built is None:
+            return None
+        plan, target = built
+        rnd, setup = sum(self._step(m, target[m.name]) for m in work), self._setup(plan)
+        violation = sum(over(rnd, m.slo_tpot_s) + over(
+            None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s) for m in work)
+        seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
+        return Estimate("co-residency", violation, seconds), plan
+
+    def _co_plan(self, snapshot: Snapshot, members: list[ModelSnapshot], leave=()):
+        """(plan, resident layers) that preempts the active models in `leave`, then makes `members` active and
+        stepped at co-residency's residencies; None when it does not fit."""
+        if any(not m.num_layers or not m.layer_bytes for m in members):
             return None  # residency bytes unknown: no co-residency to budget
-        plan, names = Plan(self, snapshot), {m.name for m in work}
-        lo = {m.name: 0 if m.state.active else m.resident_layers() for m in work}
-        at = {m.name: m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers()) for m in work}
+        plan, names = Plan(self, snapshot), {m.name for m in members}
+        lo = {m.name: 0 if m.state.active else m.resident_layers() for m in members}
+        at = {m.name: m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers()) for m in members}
         budget = math.inf if snapshot.device_budget is None else snapshot.device_budget
 
         def room(resident) -> float:
             others = sum(v.device_bytes for v in plan.view.models if v.name not in names)
-            return budget - others - sum(at[m.name] + m.layer_device_bytes(resident[m.name]) for m in work)
+            return budget - others - sum(at[m.name] + m.layer_device_bytes(resident[m.name]) for m in members)
 
         try:
+            reserve = sum(m.need().host_bytes for m in members if not m.state.active)
+            for m in leave:
+                if plan.view.model(m.name).state.active:
+                    self._evict(plan, m, reserve)
             for v in plan.view.lru_order():  # idle active models leave only while the room is needed
                 if room(lo) >= 0:
                     break
@@ -241,79 +263,101 @@ class CostScheduling:
                     self._evict(plan, snapshot.model(v.name))
             if room(lo) < 0:
                 return None
-            target = self._greedy(work, lo, room(lo))
-            if all(m.state.active for m in work):
-                now = {m.name: m.resident_layers() for m in work}
-                new_round = sum(self._step(m, target[m.name]) for m in work)
-                old_round = sum(self._step(m, now[m.name]) for m in work)
+            target = greedy(self._step, members, lo, room(lo))
+            if all(m.state.active for m in members):
+                now = {m.name: m.resident_layers() for m in members}
+                new_round = sum(self._step(m, target[m.name]) for m in members)
+                old_round = sum(self._step(m, now[m.name]) for m in members)
                 moves = sum(self.cost(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))
-                            or 0.0 for m in work if target[m.name] != now[m.name])
-                tokens = max(max(1, m.remaining_tokens) for m in work)
+                            or 0.0 for m in members if target[m.name] != now[m.name])
+                tokens = max(max(1, m.remaining_tokens) for m in members)
                 if new_round > (1 - REBALANCE) * old_round or (old_round - new_round) * tokens <= moves:
                     target = now  # not worth moving layers: a small gain, or one the moves' copies eat
-            for m in work:  # shrink first, then bring in, then grow: the bytes in use only rise to the target
+            for m in members:  # shrink first, then bring in, then grow: the bytes in use only rise to the target
                 if m.state.active and target[m.name] < plan.resident[m.name]:
                     plan.add(SetResidency(m.name, target[m.name] / m.num_layers))
-            for m in work:
+            for m in members:
                 if not m.state.active:
                     plan.add(Load(m.name) if m.state is ModelState.UNLOADED else Resume(m.name))
-            for m in work:
+            for m in members:
                 if target[m.name] > plan.resident[m.name]:
                     plan.add(SetResidency(m.name, target[m.name] / m.num_layers))
         except (OutOfDeviceMemory, StateError):
             return None
-        for m in sorted(work, key=lambda m: m.name):
+        for m in sorted(members, key=lambda m: m.name):
             plan.add(Step(m.name))
-        rnd = sum(self._step(m, target[m.name]) for m in work)
-        setup = plan.seconds - sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if isinstance(a, Step))
-        violation = sum(over(rnd, m.slo_tpot_s) + over(
-            None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s) for m in work)
-        seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
-        return Estimate("co-residency", violation, seconds), plan
+        return plan, target
 
-    def _greedy(self, work: list[ModelSnapshot], lo: dict, room: float) -> dict:
-        resident = dict(lo)
-        while True:
-            best = None
-            for m in work:
-                r = resident[m.name]
-                if r >= m.num_layers:
-                    continue
-                extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
-                if extra > room:
-                    continue
-                gain = self._step(m, r) - self._step(m, r + 1)
-                key = (gain / extra if extra > 0 else math.inf, gain, m.name)
-                if best is None or key > best[0]:
-                    best = (key, m, extra)
-            if best is None:
-                return resident
-            resident[best[1].name] += 1
-            room -= best[2]
+    def _mixed(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]) -> list:
+        """The mixed plans, one per core (a co-resident subset, `_cores`): the core always active and stepped, the
+        other models time-sliced beside it in the room it leaves, the one chosen as time-slicing chooses (aged
+        first) co-resident with it at co-residency's residencies."""
+        if any(not m.num_layers or not m.layer_bytes for m in work):
+            return []
+        budget = math.inf if snapshot.device_budget is None else snapshot.device_budget
+        idle = sum(m.view.device_bytes for m in snapshot.models if not m.has_work)
+        out = []
+        for core in self._cores(work):
+            rest = [m for m in work if m not in core]
+            target, rnd, switch = {}, {}, {}
+            for t in rest:  # each sliced model's round beside the core, as co-residency would set it from scratch
+                members = core + [t]
+                lo = {m.name: 0 if m.state.active else m.resident_layers() for m in members}
+                room = budget - idle - sum(m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers())
+                                           + m.layer_device_bytes(lo[m.name]) for m in members)
+                if room < 0:
+                    break
+                target[t.name] = greedy(self._step, members, lo, room)
+                rnd[t.name] = sum(self._step(m, target[t.name][m.name]) for m in members)
+                switch[t.name] = self._switch_cost(snapshot, t, target[t.name][t.name])
+            else:
+                hold, quantum = quanta(rest, rnd, switch, self.amortise)
+                x = self._pick(rest, hold, switch, aged)
+                built = self._co_plan(snapshot, core + [x], [t for t in rest if t is not x])
+                if built is not None:
+                    plan, got = built
+                    rnd[x.name] = sum(self._step(m, got[m.name]) for m in core + [x])
+                    hold, quantum = quanta(rest, rnd, switch, self.amortise)
+                    out.append((slice_estimate("mixed", core, rest, x, rnd, switch, quantum, self._setup(plan)), plan))
+        return out
 
-    def _time_slice(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]):
-        alone = {m.name: self._alone(snapshot, m) for m in work}
-        step = {m.name: self._step(m, alone[m.name]) for m in work}
-        switch = {m.name: self._switch_cost(snapshot, m, alone[m.name]) if len(work) > 1 else 0.0 for m in work}
-        dearest = max(switch.values(), default=0.0)  # a quantum ends in a switch to another model and back
-        # the device is held for the whole quantum (a model that finishes sooner leaves by itself: predicting
-        # its end from the remaining tokens cut quanta short, as new requests join its batch); the estimate
-        # below counts only the time its queued work needs
-        hold = {m.name: max(step[m.name], self.amortise * max(switch[m.name], dearest)) for m in work}
-        quantum = {m.name: min(hold[m.name], max(1, m.remaining_tokens) * step[m.name]) for m in work}
+    @staticmethod
+    def _cores(work: list[ModelSnapshot]) -> list[list[ModelSnapshot]]:
+        """The candidate cores: every subset leaving at least two models to time-slice (a single one left is
+        co-residency, an empty core time-slicing); past MAX_SUBSETS models, the prefixes of the tightest-SLO
+        order only."""
+        if len(work) <= MAX_SUBSETS:
+            return [list(c) for k in range(1, len(work) - 1) for c in itertools.combinations(work, k)]
+        tight = sorted(work, key=lambda m: (m.slo_tpot_s or math.inf, m.slo_ttft_s or math.inf, m.name))
+        return [tight[:k] for k in range(1, len(work) - 1)]
+
+    def _pick(self, work: list[ModelSnapshot], hold: dict, switch: dict, aged: list[ModelSnapshot]) -> ModelSnapshot:
+        """The time-sliced model on the device this tick: the first aged one; else the current one (the most
+        recently used active one) until its quantum is held, or while no other is `due`; else the most urgent
+        other (least TTFT slack, then oldest request) that is due."""
+        aged = [m for m in aged if m in work]
         active = [m for m in work if m.state.active]
         current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
         others = sorted((m for m in work if m is not current), key=lambda m: (
             math.inf if m.slo_ttft_s is None or m.first_token_wait_s is None else m.slo_ttft_s - m.first_token_wait_s,
             -(m.oldest_age_s or 0.0), m.name))
         if aged:
-            x = aged[0]
-        elif current is not None and (current.active_s < hold[current.name] or not others or
-                                      not any(self._due(o, hold[current.name], switch[o.name]) for o in others)):
-            x = current
-        else:
-            x = next(o for o in others if self._due(o, hold[current.name], switch[o.name])) \
-                if current is not None else others[0]
+            return aged[0]
+        if current is not None and (current.active_s < hold[current.name] or not others or
+                                    not any(due(o, hold[current.name], switch[o.name]) for o in others)):
+            return current
+        return next(o for o in others if due(o, hold[current.name], switch[o.name])) if current is not None \
+            else others[0]
+
+    def _time_slice(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]):
+        alone = {m.name: self._alone(snapshot, m) for m in work}
+        step = {m.name: self._step(m, alone[m.name]) for m in work}
+        switch = {m.name: self._switch_cost(snapshot, m, alone[m.name]) if len(work) > 1 else 0.0 for m in work}
+        # the device is held for the whole quantum (a model that finishes sooner leaves by itself: predicting
+        # its end from the remaining tokens cut quanta short, as new requests join its batch); the estimate
+        # counts only the time its queued work needs
+        hold, quantum = quanta(work, step, switch, self.amortise)
+        x = self._pick(work, hold, switch, aged)
         plan = Plan(self, snapshot)
         try:
             reserve = 0 if x.state.active else x.need().host_bytes
@@ -339,28 +383,7 @@ class CostScheduling:
         except (OutOfDeviceMemory, StateError):
             return None
         plan.add(Step(x.name))
-        cycle = sum(switch[m.name] + quantum[m.name] for m in work)
-        setup = plan.seconds - (plan.costs[-1] or 0.0)
-        violation = 0.0
-        for m in work:
-            n = m.name
-            tpot = cycle * step[n] / quantum[n] if len(work) > 1 else step[n]
-            ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + (
-                setup if m is x else cycle - quantum[n]) + step[n]
-            violation += over(tpot, m.slo_tpot_s) + over(ttft, m.slo_ttft_s)
-        seconds = setup + sum(max(1, m.remaining_tokens) * step[m.name] + switch[m.name] * (
-            math.ceil(max(1, m.remaining_tokens) * step[m.name] / quantum[m.name]) - (m is x)) for m in work)
-        return Estimate("time-slicing", violation, seconds), plan
-
-    @staticmethod
-    def _due(m: ModelSnapshot, quantum: float, switch: float) -> bool:
-        """Whether `m`, waiting off the device, is due the device at the end of another model's quantum: its
-        requests in flight (stalled mid-generation by its preemption), or no request waiting for a first
-        token, or no TTFT SLO, or its oldest request without a token would miss that SLO if it waited one more `quantum` plus
-        its own `switch`. A model still within its TTFT slack is not switched to (aging serves it anyway)."""
-        if m.first_token_wait_s is None or m.slo_ttft_s is None or m.in_flight > 0:
-            return True
-        return m.first_token_wait_s + quantum + switch >= m.slo_ttft_s
+        return slice_estimate("time-slicing", [], work, x, step, switch, quantum, self._setup(plan)), plan
 
     def __repr__(self) -> str:
         return (f"CostScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks}"

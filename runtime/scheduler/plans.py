@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from ..errors import ConfigError, StateError
 from ..policy import Preempt
@@ -38,9 +39,10 @@ class Estimate:
     overshoot of predicted TPOT and TTFT over their SLOs (0: every SLO met); `seconds`, the predicted time to
     finish the work queued now."""
 
-    kind: str  # "co-residency" or "time-slicing"
+    kind: str  # "co-residency", "time-slicing" or "mixed"
     violation: float
     seconds: float
+    core: tuple = ()  # a mixed plan's co-resident models (names)
 
     def key(self) -> tuple[float, float]:
         return round(self.violation, 9), self.seconds
@@ -74,3 +76,80 @@ class Plan:
         self.costs.append(self.policy.cost(self.snapshot, m, self.resident[m.name], action))
         self.view, self.resident[m.name] = view, new
         self.actions.append(action)
+
+
+def greedy(step, work, lo: dict, room: float) -> dict:
+    """Resident layers per model, from `lo`: one layer at a time to the model whose predicted step (`step(m, r)`)
+    shrinks most per device byte, while it fits `room` (the step is convex in the streamed layers)."""
+    resident = dict(lo)
+    while True:
+        best = None
+        for m in work:
+            r = resident[m.name]
+            if r >= m.num_layers:
+                continue
+            extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
+            if extra > room:
+                continue
+            gain = step(m, r) - step(m, r + 1)
+            key = (gain / extra if extra > 0 else math.inf, gain, m.name)
+            if best is None or key > best[0]:
+                best = (key, m, extra)
+        if best is None:
+            return resident
+        resident[best[1].name] += 1
+        room -= best[2]
+
+
+def worth_switching(work, now, alt) -> bool:
+    """Whether to leave the current plan (`now`: (Estimate, Plan)) for `alt`: only when alt's gain covers the
+    switch, whose cost S is alt's transitions (preempts, resumes, residency changes) and at least as much again
+    to come back. In violation: alt's must be lower by S / SLO_TTFT summed over the models with a TTFT SLO (the
+    overshoot the switch's transitions put on their first tokens); at equal violation, alt's seconds lower by S."""
+    (cur, _), (new, plan) = now, alt
+    switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
+    margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s)
+    if round(new.violation, 9) < round(cur.violation, 9):
+        return new.violation + margin < cur.violation
+    return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + switch < cur.seconds
+
+
+def due(m, quantum: float, switch: float) -> bool:
+    """Whether `m`, waiting off the device, is due the device at the end of another model's quantum: its
+    requests in flight (stalled mid-generation by its preemption), or no request waiting for a first token, or
+    no TTFT SLO, or its oldest request without a token would miss that SLO if it waited one more `quantum` plus
+    its own `switch`. A model still within its TTFT slack is not switched to (aging serves it anyway)."""
+    if m.first_token_wait_s is None or m.slo_ttft_s is None or m.in_flight > 0:
+        return True
+    return m.first_token_wait_s + quantum + switch >= m.slo_ttft_s
+
+
+def quanta(rest, rnd: dict, switch: dict, amortise: float) -> tuple[dict, dict]:
+    """(hold, quantum) per time-sliced model: it holds the device max(one round, `amortise` x the dearest
+    switch) seconds (a quantum ends in a switch to another model and back); its queued work needs only
+    min(hold, its tokens x its round)."""
+    dearest = max(switch.values(), default=0.0)
+    hold = {n: max(rnd[n], amortise * max(switch[n], dearest)) for n in rnd}
+    return hold, {m.name: min(hold[m.name], max(1, m.remaining_tokens) * rnd[m.name]) for m in rest}
+
+
+def slice_estimate(kind: str, core, rest, x, rnd: dict, switch: dict, quantum: dict, setup: float) -> Estimate:
+    """Time-slicing of `rest` (x on the device now) beside the always-stepped `core` (empty: plain time-slicing),
+    round robin at steady state: cycle = sum_t (switch_t + Q_t); a sliced model's round rnd_t steps it and the
+    core; TPOT_t = cycle x rnd_t / Q_t; TTFT_t = wait + (setup for x, else cycle - Q_t) + rnd_t. The core
+    emits sum_t Q_t / rnd_t tokens a cycle; its TTFT = wait + setup + rnd_x."""
+    cycle = sum(switch[t.name] + quantum[t.name] for t in rest)
+    violation = 0.0
+    for t in rest:
+        n = t.name
+        ttft = None if t.first_token_wait_s is None else t.first_token_wait_s + (
+            setup if t is x else cycle - quantum[n]) + rnd[n]
+        violation += over(cycle * rnd[n] / quantum[n], t.slo_tpot_s) + over(ttft, t.slo_ttft_s)
+    core_tpot = cycle / sum(quantum[t.name] / rnd[t.name] for t in rest) if core else 0.0
+    for m in core:
+        ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd[x.name]
+        violation += over(core_tpot, m.slo_tpot_s) + over(ttft, m.slo_ttft_s)
+    sliced = sum(max(1, t.remaining_tokens) * rnd[t.name] + switch[t.name] * (
+        math.ceil(max(1, t.remaining_tokens) * rnd[t.name] / quantum[t.name]) - (t is x)) for t in rest)
+    drained = max((max(1, m.remaining_tokens) * core_tpot for m in core), default=0.0)
+    return Estimate(kind, violation, setup + max(sliced, drained), tuple(m.name for m in core))
