@@ -4,10 +4,10 @@ import math
 import shutil
 
 import pytest
-import torch
 
 import tidal
-from hf_models import greedy, make_model
+import engine_util
+from engine_util import collect, finish
 from tidal.errors import CheckpointError, ConfigError, StateError, TransferError
 
 pytestmark = pytest.mark.usefixtures("ordering")  # each test also runs under the ordering check
@@ -20,11 +20,7 @@ STEPS_BEFORE = 4  # steps run before preempting: prefill + 3 decodes
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    ref = make_model("qwen2", std=0.5)  # tied embeddings and q/k/v bias: every region kind
-    path = tmp_path_factory.mktemp("qwen2")
-    ref.save_pretrained(path)
-    want = [greedy(ref, torch.tensor([p]), NEW)[0, len(p):].tolist() for p in PROMPTS]
-    return ref, path, want
+    return engine_util.saved_qwen2(tmp_path_factory, PROMPTS, NEW)
 
 
 def engine(path, device, **kw):
@@ -33,22 +29,7 @@ def engine(path, device, **kw):
 
 
 def start(eng, steps=STEPS_BEFORE):
-    ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-    out = {i: [] for i in ids}
-    for _ in range(steps):
-        collect(eng.step(), out)
-    return ids, out
-
-
-def collect(outputs, out):
-    for o in outputs:
-        out[o.request_id] += o.token_ids
-
-
-def finish(eng, ids, out):
-    while eng.has_unfinished():
-        collect(eng.step(), out)
-    return [out[i] for i in ids]
+    return engine_util.start(eng, PROMPTS, NEW, steps)
 
 
 def param_bytes(ref, resident):

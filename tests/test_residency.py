@@ -2,10 +2,9 @@
 decode give the greedy tokens of an uninterrupted run (and of transformers); the device footprint, the ring
 and the report follow the plan; bad arguments and failed copies leave the old plan in force."""
 import pytest
-import torch
 
 import tidal
-from hf_models import greedy, make_model
+from engine_util import collect, finish, saved_qwen2, start
 from tidal.engine import ResidencyReport
 from tidal.engine.residency import footprint
 from tidal.errors import ConfigError, OutOfDeviceMemory, StateError, TransferError
@@ -21,10 +20,7 @@ KV = 1 << 20
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    ref = make_model("qwen2", std=0.5)  # tied embeddings and q/k/v bias: every region kind
-    path = tmp_path_factory.mktemp("qwen2")
-    ref.save_pretrained(path)
-    want = [greedy(ref, torch.tensor([p]), NEW)[0, len(p):].tolist() for p in PROMPTS]
+    _, path, want = saved_qwen2(tmp_path_factory, PROMPTS, NEW)
     return path, want
 
 
@@ -35,14 +31,13 @@ def engine(path, device, **kw):
 
 def run(eng, changes=None, wait=False):
     """Generate PROMPTS; before step k, apply changes[k] (kwargs of set_residency). Returns tokens, reports."""
-    ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-    out, reports, k = {i: [] for i in ids}, [], 0
+    ids, out = start(eng, PROMPTS, NEW)
+    reports, k = [], 0
     while eng.has_unfinished():
         if changes and k in changes:
             reports.append(eng.set_residency(**changes[k], wait=wait))
             eng.cache.check()
-        for o in eng.step():
-            out[o.request_id] += o.token_ids
+        collect(eng.step(), out)
         k += 1
     return [out[i] for i in ids], reports
 
@@ -143,19 +138,14 @@ def test_host_copies_are_made_once(model, device):
 def test_preempt_and_resume_after_a_change(model, device, weights, keep_host_copy):
     path, want = model
     with engine(path, device, keep_host_copy=keep_host_copy) as eng:
-        ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-        out = {i: [] for i in ids}
+        ids, out = start(eng, PROMPTS, NEW)
         for change in (dict(resident_layers=[0, 1, 4]), dict(resident_fraction=1.0)):
             eng.set_residency(**change)
-            for o in eng.step():
-                out[o.request_id] += o.token_ids
+            collect(eng.step(), out)
             eng.preempt(weights=weights)
             assert eng.memory().device == 0
             eng.resume()
-        while eng.has_unfinished():
-            for o in eng.step():
-                out[o.request_id] += o.token_ids
-        assert [out[i] for i in ids] == want
+        assert finish(eng, ids, out) == want
         assert eng.plan == ResidencyPlan.from_fraction(LAYERS, 1.0)
 
 
@@ -189,10 +179,7 @@ def test_a_promotion_copy_that_fails_on_the_copy_queue(model, device, monkeypatc
     path, want = model
     with engine(path, device) as eng:
         plan, mem = eng.plan, eng.memory()
-        ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-        out = {i: [] for i in ids}
-        for o in eng.step():
-            out[o.request_id] += o.token_ids
+        ids, out = start(eng, PROMPTS, NEW, steps=1)
         real = eng.backend.submit
 
         def submit(fn, nbytes, after=(), **kw):
@@ -207,10 +194,7 @@ def test_a_promotion_copy_that_fails_on_the_copy_queue(model, device, monkeypatc
         monkeypatch.setattr(eng.backend, "submit", real)
         assert eng.plan == plan and eng.memory() == mem and eng.promotion is None
         eng.cache.check()
-        while eng.has_unfinished():
-            for o in eng.step():
-                out[o.request_id] += o.token_ids
-        assert [out[i] for i in ids] == want
+        assert finish(eng, ids, out) == want
 
 
 @pytest.mark.parametrize("which", ["promote", "demote"])
@@ -218,10 +202,7 @@ def test_a_copy_that_cannot_be_enqueued_leaves_the_old_plan(model, device, monke
     path, want = model
     with engine(path, device) as eng:
         plan, mem = eng.plan, eng.memory()
-        ids = [eng.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-        out = {i: [] for i in ids}
-        for o in eng.step():
-            out[o.request_id] += o.token_ids
+        ids, out = start(eng, PROMPTS, NEW, steps=1)
         real = eng.backend.copy
 
         def refuse(*a, op="copy", **k):
@@ -233,10 +214,7 @@ def test_a_copy_that_cannot_be_enqueued_leaves_the_old_plan(model, device, monke
             eng.set_residency(resident_layers=[0, 1, 2])  # promotes some layers and demotes others
         monkeypatch.setattr(eng.backend, "copy", real)
         assert eng.plan == plan and eng.memory() == mem
-        while eng.has_unfinished():
-            for o in eng.step():
-                out[o.request_id] += o.token_ids
-        assert [out[i] for i in ids] == want
+        assert finish(eng, ids, out) == want
 
 
 def test_runtime_checks_the_budget_first(model, device):
