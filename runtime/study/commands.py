@@ -39,10 +39,15 @@ def profile_command(args) -> int:
     out = Path(args.out)
     print(summary(doc))
     print(f"profile: {out / profile.PROFILE_FILE}\nfigure: {out / profile.FIGURE_FILE}")
-    if not doc["complete"]:
-        print(f"incomplete: interrupted at {doc['interrupted_at']}")
-        return 130
-    return 0
+    return _exit_code(doc)
+
+
+def _exit_code(doc) -> int:
+    """0 for a complete document; 130 (as for SIGINT) for one Ctrl-C cut short, saying where."""
+    if doc["complete"]:
+        return 0
+    print(f"incomplete: interrupted at {doc['interrupted_at']}")
+    return 130
 
 
 def _add_compare(subparsers) -> None:
@@ -74,10 +79,7 @@ def compare_command(args) -> int:
     said = notes(args.baseline, doc["machine"]["device"], doc["link"])
     print("\nnotes:\n" + "\n".join(f"- {n}" for n in said))
     print(f"comparison: {out / compare.COMPARE_FILE}\nfigure: {out / compare.FIGURE_FILE}")
-    if not doc["complete"]:
-        print(f"incomplete: interrupted at {doc['interrupted_at']}")
-        return 130
-    return 0
+    return _exit_code(doc)
 
 
 def _add_study(subparsers) -> None:
