@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from .arena import HostArena, TensorSlot, align_up, layout
-from .backends import Backend
+from .backends import Backend, Event, Transfer
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
 from .native import LoadInfo
@@ -220,13 +220,13 @@ def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype:
     w.arena = HostArena(backend, len(streamed) * align_up(w.layer_bytes)) if streamed else None
     infos = []
     try:
-        regions = {key: backend.empty(w.region_bytes(key), label=f"weights region {key!r}") for key in w.device_keys}
+        regions, allocated = fresh_regions(backend, w, w.device_keys)
         if keep_host_copy:
             w.parked_arena = HostArena(backend, host_copy_bytes(w), label="host copy of the weights")
             w.parked = {key: w.parked_arena.alloc(w.region_bytes(key)) for key in regions}
             infos.append(read_regions(ckpt, w, w.parked))
             backend.copy([regions[k] for k in regions], [w.parked[k] for k in regions],
-                         after=[backend.record()], op="load: weights from the host copy").wait()
+                         after=[allocated], op="load: weights from the host copy").wait()
         elif backend.device.type == "cpu":  # the device regions are host memory: read straight into them
             infos.append(read_regions(ckpt, w, regions))
         else:  # one region's worth of staging at a time, never a second copy of the model
@@ -249,9 +249,32 @@ def load(ckpt: Checkpoint, config, plan: ResidencyPlan, backend: Backend, dtype:
     return w
 
 
-def host_copy_bytes(w: LoadedWeights) -> int:
-    """Bytes of one host arena holding a copy of every device region (a preemption to the host)."""
-    return sum(align_up(w.region_bytes(k)) for k in w.device_keys)
+def host_copy_bytes(w: LoadedWeights, keys=None) -> int:
+    """Bytes of one host arena holding a copy of the device regions `keys` (default: every one, as a
+    preemption to the host copies)."""
+    return sum(align_up(w.region_bytes(k)) for k in (w.device_keys if keys is None else keys))
+
+
+def fresh_regions(backend: Backend, w: LoadedWeights, keys) -> tuple[dict, Event]:
+    """New device regions for `keys`, and an event recorded after their allocation that every copy into them
+    must wait on: the allocator may hand out memory whose earlier owners are still queued on compute."""
+    regions = {k: backend.empty(w.region_bytes(k), label=f"weights region {k!r}") for k in keys}
+    return regions, backend.record()
+
+
+def copy_to_host(backend: Backend, w: LoadedWeights, keys, label: str, op: str) -> tuple[HostArena, dict, Transfer]:
+    """A new host arena with a region for each device region `keys`, and the one batched copy into them, in
+    flight, after the compute issued so far (which last read or wrote them). The caller waits for it, and
+    releases the arena if it fails; a copy that cannot be enqueued releases it here and raises."""
+    arena = HostArena(backend, host_copy_bytes(w, keys), label=label)
+    hosts = {k: arena.alloc(w.region_bytes(k)) for k in keys}
+    try:
+        transfer = backend.copy([hosts[k] for k in keys], [w.device[k] for k in keys], after=[backend.record()],
+                                op=op)
+    except BaseException:
+        arena.release()
+        raise
+    return arena, hosts, transfer
 
 
 def empty(config, plan: ResidencyPlan, dtype: torch.dtype) -> LoadedWeights:

@@ -34,7 +34,7 @@ from ..checkpoint import Checkpoint
 from ..errors import KVCacheError, OutOfBlocks, StateError, TransferError
 from ..modes import check_modes
 from ..streaming import LayerStreamer, StreamedLayer
-from ..weights import host_copy_bytes, read_regions
+from ..weights import copy_to_host, fresh_regions, host_copy_bytes, read_regions
 from .reports import PreemptionReport, ResumeReport
 
 log = logging.getLogger("tidal")
@@ -106,11 +106,8 @@ def preempt(engine, weights: str, kv: str) -> PreemptionReport:
     if weights != "keep":
         if weights == "host" and not host_copy_reused:
             with book:
-                keys = w.device_keys
-                arena = HostArena(backend, host_copy_bytes(w), label="host copy of the weights")
-                parked = {k: arena.alloc(w.region_bytes(k)) for k in keys}
-                transfer = backend.copy([parked[k] for k in keys], [w.device[k] for k in keys],
-                                        after=[backend.record()], op="preempt: weights to the host")
+                arena, parked, transfer = copy_to_host(backend, w, w.device_keys, "host copy of the weights",
+                                                       "preempt: weights to the host")
             try:
                 transfer.wait()
             except BaseException:
@@ -188,9 +185,7 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
             disk_bytes, loader = info.bytes, info.path
         with book:
             cache.restore_device()
-            regions = {k: backend.empty(w.region_bytes(k), label=f"weights region {k!r}") for k in keys}
-            # fresh memory: its earlier owners' compute may still be queued, and the copies must wait for it
-            allocated = backend.record()
+            regions, allocated = fresh_regions(backend, w, keys)
             anchor_at = time.perf_counter()  # the copy queue is idle: what is enqueued now starts now
             if state.swapped:
                 kv_handle = cache.swap_in(state.swapped)

@@ -34,12 +34,12 @@ import time
 
 import torch
 
-from ..arena import HostArena, align_up
+from ..arena import align_up
 from ..config import OffloadConfig
 from ..errors import ConfigError, OutOfDeviceMemory, StateError, TransferError
 from ..plan import ResidencyPlan
 from ..streaming import LayerStreamer, StreamedLayer
-from ..weights import TOP_REGIONS
+from ..weights import TOP_REGIONS, copy_to_host, fresh_regions
 from .placement import Footprint
 from .reports import ResidencyReport
 
@@ -108,22 +108,20 @@ def set_residency(engine, resident_fraction, resident_layers, device_bytes, wait
     arena, streamer, to_host_seconds, transfers = None, None, 0.0, {}
     try:
         if to_copy:  # device -> new host memory, after the compute that reads these regions; the host waits
-            arena = HostArena(backend, len(to_copy) * align_up(w.layer_bytes), label="host copies of demoted layers")
-            hosts.update({i: arena.alloc(w.layer_bytes) for i in to_copy})
-            down = backend.copy([hosts[i] for i in to_copy], [w.device[i] for i in to_copy],
-                                after=[backend.record()], op=f"demote layers {to_copy} to the host")
+            arena, copies, down = copy_to_host(backend, w, to_copy, "host copies of demoted layers",
+                                               f"demote layers {to_copy} to the host")
+            hosts.update(copies)
             down.wait()
             to_host_seconds = down.seconds()
         layers = {i: s for i, s in w.streamed.items() if not plan.resident[i]}
         layers.update({i: StreamedLayer(i, hosts[i], w.layer_slots) for i in demoted})
         try:
-            regions = {i: backend.empty(w.layer_bytes, label=f"weights region {i!r}") for i in promoted}
+            regions, allocated = fresh_regions(backend, w, promoted)
             if layers:
                 streamer = LayerStreamer(backend, plan, layers, engine.offload_config.prefetch_depth)
         except torch.OutOfMemoryError as exc:
             raise OutOfDeviceMemory(f"{engine.name}: {backend.device} ran out of memory changing {old} to "
                                     f"{plan}: {exc}") from exc
-        allocated = backend.record()  # fresh memory: the copies wait for its earlier owners' compute
         for i in promoted:
             transfers[i] = backend.copy([regions[i]], [w.streamed[i].host], after=[allocated],
                                         op=f"promote layer {i} to the device")
