@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (tidal profile + compare on a tiny preset) and `make test`. Each creates .venv on first use.
+# The README's two commands: `make demo` (tidal profile + compare on a tiny preset, then SmolLM2-135M served and one streamed chat answer beside its profile) and `make test`. Each creates .venv on first use.
 # torch 2.13.0's CPU wheel is installed only when the venv has no torch; an open-ended torch would pull a CUDA build.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

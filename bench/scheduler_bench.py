@@ -6,7 +6,8 @@
 
 Per workload (bench/scheduler_workload.py): three random-weight fp32 Llama checkpoints of different sizes
 (`tidal.presets.build`, cached), a device budget that cannot hold all three, and one arrival trace drawn once
-from a seeded numpy Generator: Poisson arrivals at `--rate` per second for `--duration` s, each request's model
+from a seeded numpy Generator: Poisson arrivals at `--rate` per second (default: the workload's own) for
+`--duration` s, each request's model
 by Zipf popularity, prompt and output lengths uniform. Every policy runs the same trace, live: the scheduler's
 loop in its thread (`sched.start()`) and a feeder thread submitting each request at its timestamp (wall clock,
 not a tick-driven replay), then up to max(30 s, duration) for the rest to finish (an unfinished request misses
@@ -94,8 +95,9 @@ def run(args) -> dict:
         foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
         budget = int(w.budget_of_sum * sum(foot.values()))
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
-        trace = W.arrivals(w, args.duration, args.rate, args.seed)
-        wdoc = {**w.describe(), "link": {"gbps": link.gbps, "label": link.label, "target": link_spec},
+        rate = args.rate or w.rate
+        trace = W.arrivals(w, args.duration, rate, args.seed)
+        wdoc = {**w.describe(), "rate_rps": rate, "link": {"gbps": link.gbps, "label": link.label, "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
                              for a in trace], "policies": {}}
@@ -272,7 +274,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workloads", default="copay,nopay")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per policy (default 30, "
                     "--quick 3)")
-    ap.add_argument("--rate", type=float, default=None, help="arrivals per second (default 6, --quick 4)")
+    ap.add_argument("--rate", type=float, default=None, help="arrivals per second, for every workload (default: "
+                    "each workload's own: copay 8, nopay 6; --quick 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c) or "
                     "GB/s, for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")
@@ -284,7 +287,6 @@ def main(argv=None) -> None:
     if args.merge:
         return merge(args.merge, Path(args.out))
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 30.0)
-    args.rate = args.rate if args.rate is not None else (4.0 if args.quick else 6.0)
     run(args)
 
 

@@ -45,9 +45,11 @@ class Workload:
     prompt_len: tuple = (4, 24)
     output_len: tuple = (8, 32)
     link: str = "a6000-pcie4"  # the emulated link unless --link says otherwise
+    rate: float = 6.0  # arrivals per second unless --rate says otherwise
 
     def describe(self) -> dict:
-        return {"name": self.name, "what": self.what, "default_link": self.link, "budget_of_sum": self.budget_of_sum, "zipf_s": self.zipf_s,
+        return {"name": self.name, "what": self.what, "default_link": self.link, "default_rate_rps": self.rate,
+                "budget_of_sum": self.budget_of_sum, "zipf_s": self.zipf_s,
                 "prompt_len_uniform": list(self.prompt_len), "output_len_uniform": list(self.output_len),
                 "models": [{"name": m.name, "hidden": m.preset.hidden_size, "layers": m.preset.num_hidden_layers,
                             "intermediate": m.preset.intermediate_size, "vocab": m.preset.vocab_size,
@@ -60,15 +62,16 @@ def workloads(quick: bool) -> dict[str, Workload]:
         s = lambda n, h, l: shape(f"sb-quick-{n}", h, l, 256)
         ms = (Model("a", s("a", 64, 4), 2.0, 0.5), Model("b", s("b", 64, 3), 2.0, 0.5), Model("c", s("c", 64, 2), 2.0, 0.5))
         # the same three checkpoints and a fixed link in both, so that the cost policy's profiles are shared
-        return {"copay": Workload("copay", "quick smoke", ms, 0.75, 0.6, (3, 8), (3, 8), link="0.02"),
-                "nopay": Workload("nopay", "quick smoke", ms, 0.5, 1.2, (3, 8), (3, 8), link="0.02")}
+        return {"copay": Workload("copay", "quick smoke", ms, 0.75, 0.6, (3, 8), (3, 8), link="0.02", rate=4.0),
+                "nopay": Workload("nopay", "quick smoke", ms, 0.5, 1.2, (3, 8), (3, 8), link="0.02", rate=4.0)}
     big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # the `tiny` preset's layer: 3.15 MB fp32
     copay = Workload(
-        "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.6), switching "
-                 "often, a tight TTFT SLO; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a "
-                 "decode step about 2x, a whole-model reload 8.9x the model's decode step plus its KV",
-        (Model("L12", big("L12", 12), 0.15, 0.05), Model("L10", big("L10", 10), 0.15, 0.05),
-         Model("L8", big("L8", 8), 0.15, 0.05)), 0.96, 0.6, link="gh200-c2c")
+        "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.3) at 8 "
+                 "requests/s, all three busy most of the time, a tight TTFT SLO and a TPOT SLO a round of three "
+                 "can meet; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a decode step about "
+                 "2x, a whole-model reload 8.9x the model's decode step plus its KV",
+        (Model("L12", big("L12", 12), 0.15, 0.1), Model("L10", big("L10", 10), 0.15, 0.1),
+         Model("L8", big("L8", 8), 0.15, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=8.0)
     nopay = Workload(
         "nopay", "co-residency should not pay: a small, popular model (Zipf s=1.2, rank 1) whose decode "
                  "collapses when any of its layers streams behind the link, and two larger, rarer ones; the "
@@ -236,6 +239,8 @@ def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: in
         stats = {name: e.stats() for name, e in rt.models.items()}
         result = metrics(w, reqs, sched.trace, rt, stats, t0)
         result["trace_offset_s"] = round(t0 - getattr(sched, "_t0", t0), 4)  # trace time minus arrival time
+        correction = getattr(sched.policy, "correction", None)  # the cost policy's learnt measured/predicted
+        result["online_correction"] = correction.as_dict() if correction is not None else None
     result["error"] = error
     return result
 
@@ -288,7 +293,7 @@ def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
         "switches": {k: kinds.count(k) for k in ("Preempt", "Resume", "Load", "Unload")},
         "residency_changes": kinds.count("SetResidency"), "steps": kinds.count("Step"),
         "bytes_moved": moved,
-        "trace": [{k: e.get(k) for k in ("time", "action", "model", "args", "predicted_s", "measured_s")}
+        "trace": [{k: e.get(k) for k in ("time", "action", "model", "args", "predicted_s", "measured_s", "why")}
                   for e in trace if e["action"] != "Step"],
         "step_times": {m.name: [round(e["time"], 4) for e in trace if e["action"] == "Step" and e["model"] == m.name]
                        for m in w.models},

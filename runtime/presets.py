@@ -11,6 +11,9 @@ shard of host memory.
 
 Weights are N(0, std) (0.02, as real models are initialised), q/k/v biases (Qwen2) too; norm weights,
 Qwen3's q_norm/k_norm included, are ones.
+
+`resolve` also takes the names in `PRETRAINED`: published models with their real weights and tokenizer,
+built once from a package (`smollm2-135m`: tidal.smollm2, docs/TEXT.md).
 """
 from __future__ import annotations
 
@@ -205,15 +208,33 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+def _smollm2(cache_dir, log) -> Path:
+    from . import smollm2
+
+    return smollm2.build(cache_root(cache_dir), log=log)
+
+
+# Presets with a published model's real weights and tokenizer, each built by its own module from a package
+# (an optional extra) rather than drawn: name -> builder(cache_dir, log). `resolve` takes their names.
+PRETRAINED: dict[str, Callable[..., Path]] = {"smollm2-135m": _smollm2}
+
+
 def names() -> tuple[str, ...]:
-    """The preset names, smallest model first."""
+    """The random-weight preset names, smallest model first (`PRETRAINED` holds the real ones)."""
     return tuple(sorted(PRESETS, key=lambda n: PRESETS[n].param_count()))
 
 
+def _known() -> str:
+    return f"presets: {', '.join(names())}; pretrained: {', '.join(PRETRAINED)}"
+
+
 def get(name: str) -> Preset:
-    """The preset called `name`; ConfigError naming the presets if there is none."""
+    """The random-weight preset called `name`; ConfigError naming the presets if there is none."""
+    if name in PRETRAINED:
+        raise ConfigError(f"preset {name!r} has real weights, not a random shape: tidal.presets.resolve("
+                          f"{name!r}) builds it")
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(names())})")
+        raise ConfigError(f"unknown preset {name!r} ({_known()})")
     return PRESETS[name]
 
 
@@ -320,13 +341,14 @@ def resolve(spec: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
             cache_dir: str | os.PathLike | None = None, log: Callable[[str], object] = print,
             device: str = "cpu") -> Path:
     """A checkpoint directory for `spec`: a preset name is built (or reused, `build`, drawing on `device`); a
-    directory holding a
-    config.json is returned as is. A preset name wins over a directory of the same name (write ./tiny for
-    the directory)."""
+    pretrained preset's name (`PRETRAINED`, e.g. "smollm2-135m") is built from its package once, in its own
+    dtype whatever `dtype` says (an engine converts at load); a directory holding a config.json is returned
+    as is. A preset name wins over a directory of the same name (write ./tiny for the directory)."""
     if isinstance(spec, str) and spec in PRESETS:
         return build(spec, dtype, cache_dir, log=log, device=device)
+    if isinstance(spec, str) and spec in PRETRAINED:
+        return PRETRAINED[spec](cache_dir, log)
     path = Path(spec)
     if (path / "config.json").is_file():
         return path
-    raise ConfigError(f"unknown preset {str(spec)!r} (presets: {', '.join(names())}) and not a checkpoint "
-                      f"directory")
+    raise ConfigError(f"unknown preset {str(spec)!r} ({_known()}) and not a checkpoint directory")

@@ -47,7 +47,7 @@ class Checked:
     """The cost policy, with the budgets asserted at every tick."""
 
     def __init__(self, rt):
-        self.rt, self.inner, self.kinds = rt, tidal.CostScheduling(), []
+        self.rt, self.inner, self.kinds, self.observed = rt, tidal.CostScheduling(), [], []
         self.needs_cost_models = True
 
     def decide(self, snap):
@@ -59,6 +59,13 @@ class Checked:
 
     def predict(self, snap, action):
         return self.inner.predict(snap, action)
+
+    def explain(self):
+        return self.inner.explain()
+
+    def observe(self, snap, action, measured_s):
+        self.observed.append((action, measured_s))
+        self.inner.observe(snap, action, measured_s)
 
 
 @pytest.mark.parametrize("per_layer, reload, expect", [(1e-4, 2.0, "co-residency"), (0.05, 1e-3, "time-slicing")])
@@ -80,6 +87,17 @@ def test_cost_policy_live_matches_a_plain_engine_within_budget(paths, reference,
     kinds = {e["action"] for e in sched.trace}
     assert ("SetResidency" in kinds) if expect == "co-residency" else ("Preempt" in kinds)
     assert all(e["predicted_s"] is not None for e in sched.trace if e["action"] == "Step")
+    # the loop hands the policy every action's measured seconds, as the trace records them; decode steps
+    # (not the prefilling ones) have taught the correction a factor per model, preemptions and resumes theirs
+    assert [(a.model, type(a).__name__, round(t, 6)) for a, t in policy.observed] == \
+        [(e["model"], e["action"], e["measured_s"]) for e in sched.trace]
+    # why: every action but a step carries the plans the policy weighed, the chosen one first
+    whys = [e["why"] for e in sched.trace if e["action"] != "Step"]
+    assert whys and all(w[0]["kind"] in ("co-residency", "time-slicing", "mixed") for w in whys)
+    assert all("why" not in e for e in sched.trace if e["action"] == "Step")
+    learnt = policy.inner.correction.as_dict()
+    assert set(learnt) == set(PROMPTS) and all({"step", "step_streamed"} & set(m) for m in learnt.values())
+    assert {k for m in learnt.values() for k in m} <= {"step", "step_streamed", "preempt_host", "resume_host"}
 
 
 def test_cost_policy_needs_a_cost_model_per_model(paths):

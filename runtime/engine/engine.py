@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import native
+from .. import native, text
 from ..backends import make_backend
 from ..config import OffloadConfig
 from ..errors import ConfigError, GenerationError, OutOfDeviceMemory, PromptError, StateError, TransferError
@@ -40,12 +40,15 @@ class Engine:
     with `add_request`, `step`, `abort` and `has_unfinished`. `close()` releases device and pinned memory.
 
     `batcher` holds the queues and decides each step's batches; `counters` the running counts behind
-    `stats()`; `preempted` the state of a whole-model preemption (None while active)."""
+    `stats()`; `preempted` the state of a whole-model preemption (None while active); `eos_token_ids` the
+    checkpoint's EOS ids (`tidal.text.eos_token_ids`), on which requests stop unless told otherwise."""
 
     def __init__(self, model: DecoderModel, cache: PagedKVCache, config: EngineConfig, offload: OffloadConfig,
-                 plan, backend, weights, streamer: LayerStreamer | None, path: str = "", name: str | None = None):
+                 plan, backend, weights, streamer: LayerStreamer | None, path: str = "", name: str | None = None,
+                 eos_token_ids: tuple[int, ...] = ()):
         self.model, self.cache, self.config, self.offload_config = model, cache, config, offload
         self.path, self.name = str(path), name or Path(str(path)).name or "model"
+        self.eos_token_ids = tuple(eos_token_ids)
         self.preempted = None  # a preemption.Preempted while preempted
         self.plan, self.backend, self.weights, self.streamer = plan, backend, weights, streamer
         self.max_batch_size = config.max_batch_size or 256
@@ -91,6 +94,7 @@ class Engine:
                           suspend=suspend, kernels=kernels, max_prefill_tokens=max_prefill_tokens,
                           device_budget_bytes=device_budget_bytes, keep_host_copy=keep_host_copy, link=link)
         cfg, plan, kv = p.engine, p.plan, p.kv
+        eos = text.eos_token_ids(path)  # read once, and before anything is allocated: it may raise
         backend = make_backend(p.device, link=p.offload.link)
         weights = streamer = cache = None
         try:
@@ -111,7 +115,7 @@ class Engine:
                 raise OutOfDeviceMemory(f"{path}: {backend.device} ran out of memory placing {plan} "
                                         f"({p.footprint.device} device bytes planned): {exc}") from exc
             raise
-        engine = cls(model, cache, cfg, p.offload, plan, backend, weights, streamer, path)
+        engine = cls(model, cache, cfg, p.offload, plan, backend, weights, streamer, path, eos_token_ids=eos)
         log.info("tidal: engine %s on %s, %s, kernels %s, KV %d device / %d host blocks of %d tokens",
                  p.model.model_type, backend.device, plan, model.ops.path, kv.num_device_blocks,
                  kv.num_host_blocks, block_size)
@@ -137,10 +141,11 @@ class Engine:
     # -- the step API ----------------------------------------------------------------------------------------
     def add_request(self, prompt, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                     seed: int | None = None, stop_token_ids=None) -> int:
-        """Queue a prompt (a list of token ids); returns its request id. PromptError if this prompt can never
-        run; ConfigError for bad sampling arguments."""
+        """Queue a prompt (a list of token ids); returns its request id. The request stops on a token of
+        `stop_token_ids`; None (the default) means the model's EOS ids (`eos_token_ids`), [] none. PromptError
+        if this prompt can never run; ConfigError for bad sampling arguments."""
         self._check_open()
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids or ()))
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.stops(stop_token_ids))
         return self.batcher.add(token_list(prompt), params)
 
     def add_synthetic_request(self, context_tokens: int, max_new_tokens: int = 16, token: int = 1) -> int:
@@ -222,6 +227,11 @@ class Engine:
             self.preempted.swapped.remove(request_id)  # its KV is freed: the resume must not swap it in
         return True
 
+    def stops(self, stop_token_ids=None):
+        """The stop ids a request asking for `stop_token_ids` gets: the model's EOS ids for None, else its
+        own (an empty list: none)."""
+        return self.eos_token_ids if stop_token_ids is None else stop_token_ids  # SamplingParams checks it
+
     def has_unfinished(self) -> bool:
         return bool(self.batcher.num_unfinished or self._carry)
 
@@ -249,12 +259,13 @@ class Engine:
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
         """Generate for every prompt (a list of token-id lists), batched; returns the generated ids per prompt.
-        With `seed`, prompt i samples from seed + i. A prompt that can never run does not stop the others:
-        they finish, then GenerationError carries every output and that prompt's error."""
+        With `seed`, prompt i samples from seed + i. `stop_token_ids` as in `add_request` (None: the model's
+        EOS ids). A prompt that can never run does not stop the others: they finish, then GenerationError
+        carries every output and that prompt's error."""
         self._check_open()
         if not isinstance(prompts, (list, tuple)):
             raise ConfigError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids or ()))
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.stops(stop_token_ids))
         ids: list[int | None] = []
         errors: dict[int, Exception] = {}
         for i, prompt in enumerate(prompts):

@@ -10,21 +10,21 @@ the policy predicts each with the cost models and takes the cheapest.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
+from .pricing import Pricing, require_cost_model
 from .plans import Estimate, Plan, due, greedy, over, quanta, slice_estimate, worth_switching
 from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
-TIERS = (("host", "swap"), ("host", "recompute"), ("disk", "swap"), ("disk", "recompute"))  # ties: the first
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
-DISK_MARGIN = 0.5  # weights go to disk, when the host budget takes them, only for a round trip this much cheaper:
-# a profile measures the disk read once, at one size, from a warm page cache (a lower bound of a cold read)
 MAX_SUBSETS = 5  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
+HORIZON_S = 1.0  # the least time a plan is taken to hold: a request expected within it counts against the plan
 
 
 class CostScheduling:
@@ -47,7 +47,7 @@ class CostScheduling:
 
     (b) Time-slicing: one model active, at the most resident layers that fit, the other models with work
     preempted: weights to the host whenever the host budget takes them unless disk's predicted round trip
-    (preempt + resume) is cheaper by DISK_MARGIN, KV swapped or recomputed, whichever is cheaper (`_tier`). A
+    (preempt + resume) is cheaper by DISK_MARGIN, KV swapped or recomputed, whichever is cheaper (`Pricing.tier`). A
     switch is worth its reload only once amortised: the model on the device keeps it for a quantum Q =
     max(one step, `amortise` x the dearest switch cost among the models with work) seconds since it came in
     (or until its work is done), then the most urgent other model (least TTFT slack, then oldest request)
@@ -75,68 +75,42 @@ class CostScheduling:
 
     needs_cost_models = True
 
-    def __init__(self, max_wait_s: float = 2.0, max_skipped_ticks: int = 32, amortise: float = 1.0):
+    def __init__(self, max_wait_s: float = 2.0, max_skipped_ticks: int = 32, amortise: float = 1.0,
+                 online: bool = True):
         self.aging = Aging(max_wait_s, max_skipped_ticks)
         if isinstance(amortise, bool) or not isinstance(amortise, (int, float)) or not amortise >= 0:
             raise ConfigError(f"amortise={amortise!r} must be a number >= 0")
         self.amortise = float(amortise)
+        self.pricing = Pricing(online)  # what actions cost: the cost models, corrected from `observe`
         self._fallback = ExclusiveScheduling(max_wait_s, max_skipped_ticks)
         self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
         self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
+        self._samples: tuple[int, dict] = (-1, {})  # (tick, action -> (uncorrected seconds, kind)) of that plan
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
         self._kind: str | None = None  # the kind of plan the last decide chose (hysteresis)
         self._core: tuple = ()  # the co-resident models of the last mixed plan chosen
 
     # -- predictions -----------------------------------------------------------------------------------------
-    def cost_model(self, snapshot: Snapshot, m: ModelSnapshot):
-        cm = snapshot.cost_models.get(m.name)
-        if cm is None or getattr(cm, "step", None) is None:
-            raise ConfigError(f"the cost policy needs a cost model with a decode step for model {m.name!r}; pass "
-                              "add_model(..., cost_model=CostModel or profile.json path)")
-        if m.num_layers and cm.step.num_layers != m.num_layers:
-            raise ConfigError(f"model {m.name!r} has {m.num_layers} layers; its cost model was fitted for "
-                              f"{cm.step.num_layers}")
-        return cm
+    @property
+    def correction(self):
+        """The online correction of the predictions (`online.OnlineCorrection`; None with online=False)."""
+        return self.pricing.correction
 
     def cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, action) -> float | None:
-        """Predicted seconds of `action` on `m` with `resident` layers resident before it (None: no cost model,
-        or it cannot predict that). Step: a decode step of its batch; Preempt: `predict_preempt`; Resume:
-        `predict_resume`'s first token (the loop's Resume includes the first step) or its total; Load: the
-        resident weights read from disk; SetResidency: the demoted layers copied out or the promoted ones in."""
-        cm = snapshot.cost_models.get(m.name)
-        if getattr(cm, "step", None) is None:
-            return None
-        w, n = cm.step.layer_bytes, cm.step.num_layers
-        try:
-            if isinstance(action, Step):
-                return cm.predict_step(resident, max(1, m.queued + m.in_flight), m.context)
-            if isinstance(action, Preempt):
-                return cm.predict_preempt(resident * w, m.kv_bytes if action.kv == "swap" else 0, action.weights,
-                                          action.kv)["total"]
-            if isinstance(action, Resume):
-                weights, kv = m.state.weights or "host", m.preempted_kv or "swap"
-                r = self._resume(cm, m, resident, weights, kv)
-                return r["first_token"] if r["first_token"] is not None else r["total"]
-            if isinstance(action, Load):
-                return cm.predict_transfer("weights_disk_in", resident * w)
-            if isinstance(action, SetResidency):
-                new = round(action.fraction * n)
-                kind = "weights_host_out" if new < resident else "weights_host_in"
-                return cm.predict_transfer(kind, abs(new - resident) * w) if new != resident else 0.0
-            return 0.0  # Unload
-        except ConfigError:
-            return None
+        """Predicted seconds of `action` on `m` with `resident` layers resident before it (`Pricing.cost`)."""
+        return self.pricing.cost(snapshot, m, resident, action)
 
-    def _resume(self, cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> dict:
-        w, n = cm.step.layer_bytes, cm.step.num_layers
-        return cm.predict_resume((resident if weights == "host" else n) * w, m.kv_bytes if kv == "swap" else 0,
-                                 weights, kv, m.context * m.in_flight if kv == "recompute" else 0,
-                                 resident_layers=resident, batch=m.in_flight, context=m.context)
-
-    def _round_trip(self, cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> float:
-        """Predicted seconds to preempt `m` to this tier and resume it."""
-        out = cm.predict_preempt(resident * cm.step.layer_bytes, m.kv_bytes if kv == "swap" else 0, weights, kv)
-        return out["total"] + self._resume(cm, m, resident, weights, kv)["total"]
+    def observe(self, snapshot: Snapshot, action, measured_s: float) -> None:
+        """The loop's measurement of `action`, applied at `snapshot`'s tick, as the last `decide` planned it:
+        one sample for the correction (a step that also prefilled queued requests is none)."""
+        tick, samples = self._samples
+        if self.correction is None or tick != snapshot.tick or action not in samples:
+            return
+        if isinstance(action, Step) and snapshot.model(action.model).queued:
+            return
+        raw, kind = samples[action]
+        if kind is not None:
+            self.correction.observe(action.model, kind, raw, measured_s)
 
     def predict(self, snapshot: Snapshot, action) -> float | None:
         """Predicted seconds of `action` at this snapshot: as planned by the last `decide` on it, else from the
@@ -152,13 +126,16 @@ class CostScheduling:
         work = snapshot.with_work
         if not work:
             return []
-        self._cms = {m.name: self.cost_model(snapshot, m) for m in work}
+        self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
+        self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
-        mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
+        mixed = sorted((self._expecting(snapshot, p) for p in self._mixed(snapshot, work, aged)),
+                       key=lambda p: p[0].key())
         sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
         if sticky and mixed[0] is not sticky[0] and not worth_switching(work, sticky[0], mixed[0]):
             mixed.insert(0, sticky[0])
-        plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
+        sliced = self._time_slice(snapshot, work, aged)
+        plans = [p for p in (self._co_residency(snapshot, work), sliced and self._expecting(snapshot, sliced))
                  if p is not None] + mixed[:1]
         if not plans:
             self.last_estimates = []
@@ -172,45 +149,32 @@ class CostScheduling:
         self._kind, self._core = plans[0][0].kind, plans[0][0].core
         self.last_estimates = [p[0] for p in plans]
         self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
+        self._samples = (snapshot.tick, dict(zip(plan.actions, plan.samples)))
         return plan.actions
 
-    def _step(self, m: ModelSnapshot, resident: int) -> float:
-        return self._cms[m.name].predict_step(resident, max(1, m.queued + m.in_flight), m.context)
+    def explain(self) -> list[dict]:
+        """The last decide's candidate plans as predicted, the chosen one first: kind, the mixed plan's core,
+        violation (the summed relative overshoot of the SLOs) and seconds (to drain the queued work)."""
+        return [{"kind": e.kind, **({"core": list(e.core)} if e.core else {}), "violation": round(e.violation, 4),
+                 "seconds": round(e.seconds, 4)} for e in self.last_estimates]
 
-    def _tier(self, cm, m: ModelSnapshot, resident: int, host_fits: bool) -> tuple[float, str, str] | None:
-        """(predicted round trip, weights, kv) of the tier `m` is preempted to: the host whenever `host_fits`,
-        unless disk's round trip is cheaper by DISK_MARGIN (its prediction is the profile's warm-cache read, and
-        a host copy is no dearer to keep: the copy-out is the only term disk saves); KV swap or recompute,
-        whichever is cheaper. None when no tier can be predicted."""
-        best = {}
-        for weights, kv in TIERS:
-            if weights == "host" and not host_fits:
-                continue
-            try:
-                seconds = self._round_trip(cm, m, resident, weights, kv)
-            except ConfigError:
-                continue
-            if weights not in best or seconds < best[weights][0]:
-                best[weights] = (seconds, weights, kv)
-        host, disk = best.get("host"), best.get("disk")
-        if host is not None and (disk is None or not disk[0] < (1 - DISK_MARGIN) * host[0]):
-            return host
-        return disk
+    def _step(self, m: ModelSnapshot, resident: int) -> float:
+        return self.pricing.step(self._cms[m.name], m, resident)
 
     def _evict(self, plan: Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
-        """Preempt `m` to the tier `_tier` chooses, the host only when the host budget takes its copy."""
+        """Preempt `m` to the tier `Pricing.tier` chooses, the host only when the host budget takes its copy."""
         view = plan.view
         host_fits = view.host_budget is None or \
             view.host_used + view.model(m.name).host_copy_bytes + reserve_host <= view.host_budget
-        tier = self._tier(self.cost_model(plan.snapshot, m), m, plan.resident[m.name], host_fits)
+        tier = self.pricing.tier(require_cost_model(plan.snapshot, m), m, plan.resident[m.name], host_fits)
         plan.add(Preempt(m.name, tier[1], tier[2]) if tier else evict(view, m.name, reserve_host))
 
     def _switch_cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int) -> float:
-        """The predicted round trip (preempt + resume) of `m` to the tier `_tier` would choose (0 when none can
+        """The predicted round trip (preempt + resume) of `m` to the tier `Pricing.tier` would choose (0 when none can
         be predicted)."""
         host_fits = snapshot.host_budget is None or \
             snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
-        tier = self._tier(self._cms[m.name], m, resident, host_fits)
+        tier = self.pricing.tier(self._cms[m.name], m, resident, host_fits)
         return tier[0] if tier else 0.0
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
@@ -226,22 +190,58 @@ class CostScheduling:
     def _setup(plan: Plan) -> float:
         return plan.seconds - sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if isinstance(a, Step))
 
-    def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
-        built = self._co_plan(snapshot, work)
-        if built is None:
-            return None
-        plan, target = built
-        rnd, setup = sum(self._step(m, target[m.name]) for m in work), self._setup(plan)
-        violation = sum(over(rnd, m.slo_tpot_s) + over(
-            None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s) for m in work)
-        seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
-        return Estimate("co-residency", violation, seconds), plan
+    @staticmethod
+    def _expected(m: ModelSnapshot, horizon: float) -> float:
+        """The probability that `m` gets a request within `horizon` seconds at its arrival rate (Poisson)."""
+        return 1.0 - math.exp(-m.arrival_rate * max(horizon, HORIZON_S))
 
-    def _co_plan(self, snapshot: Snapshot, members: list[ModelSnapshot], leave=()):
-        """(plan, resident layers) that preempts the active models in `leave`, then makes `members` active and
-        stepped at co-residency's residencies; None when it does not fit."""
+    def _expecting(self, snapshot: Snapshot, built):
+        """`built` (Estimate, Plan) with the violation expected from requests still to come: a model without work
+        that the plan leaves off the device gets one within the plan's seconds with probability `_expected`, and
+        that request's first token waits for the model's resume (or load) and a step."""
+        est, plan = built
+        extra = 0.0
+        for m in snapshot.models:
+            if m.has_work or not m.arrival_rate or m.slo_ttft_s is None or m.name not in self._cms or \
+                    plan.view.model(m.name).state.active:
+                continue
+            r = m.resident_layers()
+            back = self.cost(snapshot, m, r, Load(m.name) if m.state is ModelState.UNLOADED else Resume(m.name))
+            extra += self._expected(m, est.seconds) * over((back or 0.0) + self.cost(snapshot, m, r, Step(m.name)),
+                                                          m.slo_ttft_s)
+        return dataclasses.replace(est, violation=est.violation + extra), plan
+
+    def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
+        """The better of two co-residencies: of the models with work alone (idle active models preempted while
+        their room is needed), and of those with the idle active models kept too, each weighted in the round
+        by the chance it gets a request (`_expected`)."""
+        idle = [m for m in snapshot.models if not m.has_work and m.state.active and m.arrival_rate > 0 and
+                m.name in self._cms]
+        out = []
+        for members in ([work, work + idle] if idle else [work]):
+            weight = {m.name: 1.0 if m.has_work else self._expected(m, HORIZON_S) for m in members}
+            built = self._co_plan(snapshot, members, weight=weight)
+            if built is None:
+                continue
+            plan, target = built
+            rnd, setup = sum(self._step(m, target[m.name]) for m in work), self._setup(plan)
+            kept = [(m, weight[m.name] * self._step(m, target[m.name])) for m in members if not m.has_work]
+            expected = rnd + sum(s for _, s in kept)  # the round once the kept idle models' requests come
+            violation = sum(over(expected, m.slo_tpot_s) + over(
+                None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s)
+                for m in work) + sum(weight[m.name] * over(expected + s, m.slo_tpot_s) for m, s in kept)
+            seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
+            out.append(self._expecting(snapshot, (Estimate("co-residency", violation, seconds), plan)))
+        return min(out, key=lambda p: p[0].key(), default=None)
+
+    def _co_plan(self, snapshot: Snapshot, members: list[ModelSnapshot], leave=(), weight=None):
+        """(plan, resident layers) that preempts the active models in `leave`, then makes `members` active (and
+        those with work stepped) at co-residency's residencies, each member's step weighted by `weight` (name
+        -> factor, default 1) in choosing them; None when it does not fit."""
         if any(not m.num_layers or not m.layer_bytes for m in members):
             return None  # residency bytes unknown: no co-residency to budget
+        weight = weight or {}
+        step = lambda m, r: weight.get(m.name, 1.0) * self._step(m, r)  # noqa: E731
         plan, names = Plan(self, snapshot), {m.name for m in members}
         lo = {m.name: 0 if m.state.active else m.resident_layers() for m in members}
         at = {m.name: m.view.active_device_bytes - m.layer_device_bytes(m.resident_layers()) for m in members}
@@ -256,18 +256,19 @@ class CostScheduling:
             for m in leave:
                 if plan.view.model(m.name).state.active:
                     self._evict(plan, m, reserve)
-            for v in plan.view.lru_order():  # idle active models leave only while the room is needed
+            # idle active models leave only while the room is needed: the least expected first, then least recently used
+            for v in sorted(plan.view.lru_order(), key=lambda v: snapshot.model(v.name).arrival_rate):
                 if room(lo) >= 0:
                     break
                 if v.state.active and v.name not in names:
                     self._evict(plan, snapshot.model(v.name))
             if room(lo) < 0:
                 return None
-            target = greedy(self._step, members, lo, room(lo))
+            target = greedy(step, members, lo, room(lo))
             if all(m.state.active for m in members):
                 now = {m.name: m.resident_layers() for m in members}
-                new_round = sum(self._step(m, target[m.name]) for m in members)
-                old_round = sum(self._step(m, now[m.name]) for m in members)
+                new_round = sum(step(m, target[m.name]) for m in members)
+                old_round = sum(step(m, now[m.name]) for m in members)
                 moves = sum(self.cost(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))
                             or 0.0 for m in members if target[m.name] != now[m.name])
                 tokens = max(max(1, m.remaining_tokens) for m in members)
@@ -285,7 +286,8 @@ class CostScheduling:
         except (OutOfDeviceMemory, StateError):
             return None
         for m in sorted(members, key=lambda m: m.name):
-            plan.add(Step(m.name))
+            if m.has_work:
+                plan.add(Step(m.name))
         return plan, target
 
     def _mixed(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]) -> list:
@@ -387,7 +389,7 @@ class CostScheduling:
 
     def __repr__(self) -> str:
         return (f"CostScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks}"
-                f", amortise={self.amortise})")
+                f", amortise={self.amortise}, online={self.correction is not None})")
 
 
 POLICIES["cost"] = CostScheduling

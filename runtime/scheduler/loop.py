@@ -9,6 +9,7 @@ a lock around the queues and may be called from any thread.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -19,12 +20,14 @@ from ..engine.request import token_list
 from ..errors import ConfigError, OutOfDeviceMemory, PromptError, StateError
 from ..policy import Load, ModelState, ModelView, Preempt, Resume
 from ..sampling import SamplingParams
+from ..text import eos_token_ids
 from .plans import load_cost_model
 from .policies import resolve
 from .requests import ScheduledRequest, Trace
 from .state import ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
 
 MAX_STALLED_TICKS = 1000  # ticks in a row with work waiting and no step before the loop calls the policy stuck
+ARRIVAL_WINDOW_S = 10.0  # a model's arrival rate in the snapshot: its submissions over the last this many seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,18 +46,21 @@ class _Registered:
     kv_block: tuple[int, int] = (1, 0)  # (tokens, bytes) of one KV block
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the checkpoint's, on which its requests stop by default
 
 
 class Scheduler:
     """Schedules requests across the models of `runtime` (see the package docstring). `policy`: "exclusive",
     "lru", or an object with `decide(snapshot)`; `max_wait_s`/`max_skipped_ticks` set a named policy's aging
-    bound. `trace_path`: a JSONL file for the trace (else `trace` keeps it in memory). `cost_models`: name ->
+    bound. `trace_path`: a JSONL file for the trace (else `trace` keeps it in memory: the last `trace_keep`
+    entries, all when None; `trace_since` reads it on from a position). `cost_models`: name ->
     `tidal.costmodel.CostModel`, passed to the policy in every snapshot (or `add_model(cost_model=...)`). A
     policy that needs them ("cost") refuses, with ConfigError naming it, a model loaded in `runtime` already
     without one."""
 
     def __init__(self, runtime, policy="lru", *, max_wait_s: float | None = None,
-                 max_skipped_ticks: int | None = None, trace_path=None, cost_models=None):
+                 max_skipped_ticks: int | None = None, trace_path=None, trace_keep: int | None = None,
+                 cost_models=None):
         aging = {k: v for k, v in (("max_wait_s", max_wait_s), ("max_skipped_ticks", max_skipped_ticks))
                  if v is not None}
         self.policy = resolve(policy, **aging)
@@ -69,10 +75,11 @@ class Scheduler:
         self._models: dict[str, _Registered] = {}
         self._lock = threading.Lock()  # the queues, the aborts, the error
         self._wake = threading.Condition(self._lock)
-        self._drive = threading.Lock()  # held by whoever ticks
+        self._drive = threading.RLock()  # held by whoever ticks (`between_ticks`)
         self._queues: dict[str, collections.deque[ScheduledRequest]] = {}
         self._in_flight: dict[str, dict[int, ScheduledRequest]] = {}  # the ticking thread's
         self._aborts: list[ScheduledRequest] = []
+        self._arrivals: dict[str, collections.deque[float]] = {}  # name -> recent submission times (the lock's)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -81,12 +88,32 @@ class Scheduler:
         self._last_step_at: dict[str, float] = {}
         self._active_since: dict[str, float] = {}  # when the loop last loaded or resumed each model
         self._skipped: dict[str, int] = {}
-        self._trace = Trace(trace_path)
+        self._trace = Trace(trace_path, trace_keep)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that failed the loop (then every request was failed with it); None while it is sound."""
+        with self._lock:
+            return self._error
 
     @property
     def trace(self) -> list[dict]:
-        """The trace kept in memory (empty when it goes to `trace_path`)."""
+        """The trace kept in memory, oldest first (empty when it goes to `trace_path`; a copy)."""
         return self._trace.entries
+
+    @contextlib.contextmanager
+    def between_ticks(self):
+        """Hold off the loop while the block runs (it waits for the tick in progress to end): another thread
+        reads a consistent `snapshot()` and the Runtime's books inside it (the loop's thread changes them
+        during a tick). Keep the block short: the loop waits."""
+        with self._drive:
+            yield self
+
+    def trace_since(self, position: int = 0) -> tuple[list[dict], int, int]:
+        """(the trace entries from absolute `position` on that memory keeps, the position after them, how many
+        from `position` on `trace_keep` dropped unread): a reader in another thread polls with the position it
+        was given last, and reads each entry once."""
+        return self._trace.since(position)
 
     # -- models and requests -------------------------------------------------------------------------------
     def add_model(self, name: str, path, *, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
@@ -126,7 +153,8 @@ class Scheduler:
         reg = _Registered(path, dict(engine_kwargs), fp.device, fp.host, p.plan.resident_fraction,
                           p.model.max_position_embeddings, p.kv.num_device_blocks * p.engine.block_size,
                           p.model.vocab_size, p.model.num_layers, weights.empty(p.model, p.plan, p.dtype).layer_bytes,
-                          p.offload.prefetch_depth + 1, (p.engine.block_size, p.kv.block_bytes), slo_ttft_s, slo_tpot_s)
+                          p.offload.prefetch_depth + 1, (p.engine.block_size, p.kv.block_bytes), slo_ttft_s, slo_tpot_s,
+                          eos_token_ids(path))
         with self._lock:
             if cost_model is not None:
                 self.cost_models[name] = cost_model
@@ -152,11 +180,17 @@ class Scheduler:
             raise PromptError(f"prompt of {len(tokens)} tokens: {model!r}'s KV cache holds {reg.capacity}")
         if len(tokens) > reg.max_len:
             raise PromptError(f"prompt of {len(tokens)} tokens: {model!r} has {reg.max_len} positions")
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids or ()))
+        if stop_token_ids is None:  # the model's EOS ids, as Engine.add_request: [] asks for no stop ids
+            stop_token_ids = reg.eos_token_ids
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, stop_token_ids)
         req = ScheduledRequest(model, tokens, params)
         with self._lock:
             self._check_alive()
             self._queues[model].append(req)
+            arrivals = self._arrivals.setdefault(model, collections.deque())
+            arrivals.append(req.submitted_at)
+            while arrivals[0] < req.submitted_at - ARRIVAL_WINDOW_S:
+                arrivals.popleft()
             self._wake.notify_all()
         return req
 
@@ -257,6 +291,8 @@ class Scheduler:
         with self._lock:
             queued = {n: (len(q), q[0].submitted_at if q else None) for n, q in self._queues.items()}
             waiting = {n: list(q) for n, q in self._queues.items()}
+            window = min(ARRIVAL_WINDOW_S, max(1.0, now - self._t0))
+            rates = {n: sum(t >= now - window for t in a) / window for n, a in self._arrivals.items()}
         models = []
         for name in list(self._models) + [n for n in loaded if n not in self._models]:
             reg = self._models.get(name)
@@ -274,6 +310,7 @@ class Scheduler:
                 waited_s=0.0 if oldest is None else now - max(oldest, self._last_step_at.get(name, oldest)),
                 skipped_ticks=self._skipped.get(name, 0) if oldest is not None else 0,
                 resume_staging_bytes=staging_bytes(engine) if engine is not None else 0,
+                arrival_rate=rates.get(name, 0.0),
                 **self._cost_view(name, reg, view, engine, waiting.get(name, []) + list(in_flight.values()), now)))
         return Snapshot(now - self._t0, self._tick, rt.device_budget, rt.host_budget, tuple(models),
                         dict(self.cost_models))
@@ -304,12 +341,19 @@ class Scheduler:
             return False
         actions = check_actions(snap, self.policy.decide(snap))
         predict = getattr(self.policy, "predict", None)
+        observe = getattr(self.policy, "observe", None)  # a policy that learns from what its actions cost
+        explain = getattr(self.policy, "explain", None)
+        why = explain() if callable(explain) and any(not isinstance(a, Step) for a in actions) else None
         stepped = set()
         for action in actions:
             predicted = predict(snap, action) if callable(predict) else None
             t = time.monotonic()
-            self._apply(action)
-            self._trace.record(t - self._t0, self._tick, action, predicted, time.monotonic() - t)
+            report = self._apply(action)
+            measured = time.monotonic() - t
+            self._trace.record(t - self._t0, self._tick, action, predicted, measured,
+                               None if isinstance(action, Step) else why, report)
+            if callable(observe):
+                observe(snap, action, measured)
             if isinstance(action, (Step, Load, Resume)):
                 self._last_used[action.model] = self._tick
             if isinstance(action, (Load, Resume)):
@@ -330,14 +374,16 @@ class Scheduler:
         self._tick += 1
         return True
 
-    def _apply(self, action) -> None:
+    def _apply(self, action):
+        """Apply `action` through the Runtime; the report it returned (a preemption's, a resume's or a residency
+        change's), else None."""
         rt, name = self.runtime, action.model
         if isinstance(action, Step):
             self._step(name)
         elif isinstance(action, Preempt):
-            rt.preempt(name, weights=action.weights, kv=action.kv)
+            return rt.preempt(name, weights=action.weights, kv=action.kv)
         elif isinstance(action, Resume):
-            rt.resume(name, evict=None)
+            return rt.resume(name, evict=None)[0]
         elif isinstance(action, Load):
             reg = self._models[name]
             rt.load(name, reg.path, evict=None, **reg.kwargs)
@@ -346,7 +392,8 @@ class Scheduler:
         elif isinstance(action, SetResidency):
             if not hasattr(rt, "set_residency"):
                 raise StateError(f"{action}: this Runtime has no set_residency")
-            rt.set_residency(name, resident_fraction=action.fraction)
+            return rt.set_residency(name, resident_fraction=action.fraction)
+        return None
 
     def _step(self, name: str) -> None:
         engine = self.runtime.models[name]

@@ -52,10 +52,11 @@ class Plan:
     """Actions built one at a time over the snapshot, each checked as `check_actions` checks it (a refused one
     raises and is not added), with each one's predicted seconds."""
 
-    def __init__(self, policy, snapshot: Snapshot):  # policy: the CostScheduling whose `cost` prices actions
+    def __init__(self, policy, snapshot: Snapshot):  # policy: the CostScheduling whose `pricing` prices actions
         self.policy, self.snapshot, self.view = policy, snapshot, snapshot.pool()
         self.resident = {m.name: m.resident_layers() for m in snapshot.models}
         self.actions, self.costs = [], []
+        self.samples = []  # per action: (the cost model's own seconds, the online correction's kind)
 
     @property
     def seconds(self) -> float:
@@ -73,7 +74,9 @@ class Plan:
             request = None if isinstance(action, Preempt) else \
                 dataclasses.replace(m, view=self.view.model(m.name)).need()
             view, new = dataclasses.replace(self.view, request=request).apply(action), self.resident[m.name]
-        self.costs.append(self.policy.cost(self.snapshot, m, self.resident[m.name], action))
+        cost, raw, kind = self.policy.pricing.price(self.snapshot, m, self.resident[m.name], action)
+        self.costs.append(cost)
+        self.samples.append((raw, kind))
         self.view, self.resident[m.name] = view, new
         self.actions.append(action)
 
@@ -103,15 +106,18 @@ def greedy(step, work, lo: dict, room: float) -> dict:
 
 def worth_switching(work, now, alt) -> bool:
     """Whether to leave the current plan (`now`: (Estimate, Plan)) for `alt`: only when alt's gain covers the
-    switch, whose cost S is alt's transitions (preempts, resumes, residency changes) and at least as much again
-    to come back. In violation: alt's must be lower by S / SLO_TTFT summed over the models with a TTFT SLO (the
-    overshoot the switch's transitions put on their first tokens); at equal violation, alt's seconds lower by S."""
+    switch, whose cost S is alt's transitions (preempts, resumes, residency changes), counted once more (alt's
+    estimate pays them once: this is the way back). In violation: alt's must be lower by S / SLO_TTFT summed
+    over the models with a request waiting for its first token and a TTFT SLO (the overshoot the transitions
+    put on those first tokens); at equal violation, alt's seconds (which count S once) lower by 2 S: the way back,
+    and as much again, since both drain times ignore the requests still to come (at violation 0 on copay,
+    S alone let a drain time 13% shorter on paper move the policy off co-residency)."""
     (cur, _), (new, plan) = now, alt
     switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
-    margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s)
+    margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s and m.first_token_wait_s is not None)
     if round(new.violation, 9) < round(cur.violation, 9):
         return new.violation + margin < cur.violation
-    return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + switch < cur.seconds
+    return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + 2 * switch < cur.seconds
 
 
 def due(m, quantum: float, switch: float) -> bool:

@@ -1,0 +1,158 @@
+"""The cost policy's online correction (`tidal.scheduler.online`): the factor it learns from the loop's
+measurements, per model and kind of action, and the loop handing it those measurements."""
+import dataclasses
+import math
+
+import pytest
+
+from tidal.errors import ConfigError
+from tidal.policy import ModelState, Preempt, Resume
+from tidal.scheduler import CostScheduling, SetResidency, Step
+from tidal.scheduler.online import OnlineCorrection
+from test_scheduler_cost import cost_model, decide, model, snap
+
+S = ModelState
+
+
+def test_the_factor_follows_the_log_mean_of_measured_over_predicted():
+    c = OnlineCorrection(alpha=0.25, limit=4.0)
+    assert c.factor("a", "step") == 1.0  # nothing learnt yet
+    c.observe("a", "step", 0.010, 0.030)
+    assert c.factor("a", "step") == pytest.approx(3.0)  # the first sample is the mean
+    c.observe("a", "step", 0.010, 0.010)
+    assert c.factor("a", "step") == pytest.approx(math.exp(0.75 * math.log(3.0)))
+    assert c.factor("a", "step_streamed") == 1.0 and c.factor("b", "step") == 1.0  # per model and kind
+    c.observe("b", "preempt_host", 0.1, 100.0)  # a thousand times off: a wrong model, clamped to the limit
+    assert c.factor("b", "preempt_host") == pytest.approx(4.0)
+    for predicted, measured in ((None, 1.0), (0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)):
+        c.observe("c", "step", predicted, measured)  # nothing to learn from
+    assert c.factor("c", "step") == 1.0
+    assert c.as_dict() == {"a": {"step": {"factor": round(c.factor("a", "step"), 4), "samples": 2}},
+                           "b": {"preempt_host": {"factor": 4.0, "samples": 1}}}
+
+
+def test_steady_samples_converge_and_a_single_outlier_moves_it_a_bounded_step():
+    c = OnlineCorrection(alpha=0.25)
+    for _ in range(40):
+        c.observe("a", "step", 0.02, 0.03)
+    assert c.factor("a", "step") == pytest.approx(1.5, rel=1e-6)
+    c.observe("a", "step", 0.02, 2.0)  # one hundredfold outlier: clamped, then weighted by alpha
+    assert c.factor("a", "step") == pytest.approx(math.exp(0.75 * math.log(1.5) + 0.25 * math.log(4.0)))
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": 0}, {"alpha": 1.5}, {"alpha": True}, {"limit": 1.0}, {"limit": "2"}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        OnlineCorrection(**kwargs)
+    with pytest.raises(ConfigError, match="online"):
+        CostScheduling(online="yes")
+
+
+def test_the_policy_scales_its_step_predictions_by_what_it_observed():
+    s = snap(model("a", tpot=1.0, last=1), model("b", tpot=1.0), device=None)
+    policy = CostScheduling()
+    assert decide(policy, s) == [Step("a"), Step("b")]
+    raw = policy.predict(s, Step("a"))
+    assert raw == pytest.approx(cost_model().predict_step(10, 2, 64))
+    policy.observe(s, Step("a"), 3 * raw)  # the machine runs a's steps 3x slower than its profile
+    nxt = snap(model("a", tpot=1.0, last=1), model("b", tpot=1.0), device=None, tick=1)
+    decide(policy, nxt)
+    assert policy.predict(nxt, Step("a")) == pytest.approx(3 * raw)
+    assert policy.predict(nxt, Step("b")) == pytest.approx(raw)  # b is not a
+    # a step that prefilled queued requests is not a decode step's sample
+    queued = snap(model("a", tpot=1.0, last=1, queued=2), model("b", tpot=1.0), device=None, tick=2)
+    decide(policy, queued)
+    policy.observe(queued, Step("a"), 100 * raw)
+    assert policy.correction.factor("a", "step") == pytest.approx(3.0)
+    # an action the last decide did not plan at that tick is not a sample either
+    policy.observe(nxt, Step("a"), 100 * raw)
+    assert policy.correction.factor("a", "step") == pytest.approx(3.0)
+
+
+def test_preemptions_are_corrected_per_tier_and_steps_per_regime():
+    cm = cost_model(per_layer=0.02, reload=0.005)  # time-slicing: b is preempted to the host
+    s = snap(model("a", fraction=0.5, tpot=0.05, last=1), model("b", fraction=0.5, tpot=0.05), device=180,
+             cms={"a": cm, "b": cm})
+    policy = CostScheduling()
+    actions = decide(policy, s)
+    assert actions[0] == Preempt("b", "host", "swap")
+    raw = policy.predict(s, actions[0])
+    policy.observe(s, actions[0], 2 * raw)
+    assert policy.correction.as_dict() == {"b": {"preempt_host": {"factor": 2.0, "samples": 1}}}
+    assert policy.cost(s, s.model("b"), 5, Preempt("b", "host", "swap")) == pytest.approx(2 * raw)
+    assert policy.cost(s, s.model("b"), 5, Preempt("b", "disk", "swap")) == \
+        CostScheduling(online=False).cost(s, s.model("b"), 5, Preempt("b", "disk", "swap"))
+    # a step with streamed layers and one with none are two regimes, learnt apart
+    policy.correction.observe("a", "step_streamed", 1.0, 2.0)
+    assert policy.cost(s, s.model("a"), 5, Step("a")) == pytest.approx(2 * cm.predict_step(5, 2, 64))
+    assert policy.cost(s, s.model("a"), 10, Step("a")) == pytest.approx(cm.predict_step(10, 2, 64))
+
+
+def test_without_online_correction_predictions_are_the_cost_models():
+    s = snap(model("a", tpot=1.0, last=1), model("b", tpot=1.0), device=None)
+    policy = CostScheduling(online=False)
+    decide(policy, s)
+    raw = policy.predict(s, Step("a"))
+    policy.observe(s, Step("a"), 5 * raw)
+    assert policy.correction is None and policy.predict(s, Step("a")) == raw
+
+
+# -- requests still to come: the models' arrival rates ------------------------------------------------------------
+def _rate(m, rate):
+    return dataclasses.replace(m, arrival_rate=rate)
+
+
+@pytest.mark.parametrize("rate, kept", [(0.0, False), (5.0, True)])
+def test_co_residency_keeps_an_idle_model_that_expects_requests(rate, kept):
+    # a busy, b idle (both active, all resident), c preempted with a request waiting: all three whole need 330
+    # bytes of 250. Without requests expected for b, the room comes from preempting it; with 5 a second
+    # expected, its next request would wait for a 0.1 s reload (TTFT SLO 0.05 s), so all three stay, b's and
+    # a's layers streaming.
+    cms = {n: cost_model(reload=0.1) for n in "abc"}
+    b = _rate(model("b", in_flight=0, ttft=0.05, tpot=0.5), rate)
+    s = snap(model("a", ttft=0.5, tpot=0.5, last=2), b, model("c", S.PREEMPTED_HOST, ttft=0.5, tpot=0.5, first_wait=0.2),
+             device=250, cms=cms)
+    policy = CostScheduling()
+    actions = decide(policy, s)
+    assert actions[-3:] == [Resume("c"), Step("a"), Step("c")]  # an idle model is not stepped, kept or not
+    assert (Preempt("b", "host", "swap") not in actions) is kept
+    assert any(isinstance(a, SetResidency) and a.model == "b" for a in actions) is kept
+    assert policy.last_estimates[0].kind == "co-residency" and policy.last_estimates[0].violation == 0.0
+
+
+def test_a_plan_that_leaves_an_expected_model_off_the_device_pays_for_its_next_request():
+    cm = cost_model(reload=2.0)
+    b = model("b", S.PREEMPTED_HOST, in_flight=0, ttft=0.5)
+    estimates = {}
+    for rate in (0.0, 2.0):
+        s = snap(model("a", tpot=1.0, last=1), _rate(b, rate), device=None, cms={"a": cm, "b": cm})
+        policy = CostScheduling()
+        assert decide(policy, s) == [Step("a")]  # a alone: b, preempted and idle, stays where it is
+        estimates[rate] = policy.last_estimates[0]
+    back = policy.cost(s, s.model("b"), 10, Resume("b")) + policy.cost(s, s.model("b"), 10, Step("b"))
+    p = 1 - math.exp(-2.0 * max(estimates[2.0].seconds, 1.0))
+    assert estimates[2.0].seconds == estimates[0.0].seconds
+    # its next request waits for the 2 s reload: that overshoot of its 0.5 s TTFT SLO, as likely as a request
+    assert estimates[2.0].violation == pytest.approx(estimates[0.0].violation + p * (back / 0.5 - 1))
+    assert back > 2.0 and p > 0.8
+
+
+def test_the_loop_measures_each_models_arrival_rate(tmp_path):
+    from scheduler_util import build_models, tiny
+    import torch
+    import tidal
+
+    kw = dict(dtype=torch.float32, kv_cache_bytes=1 << 15, block_size=4, kernels="reference")
+    paths = build_models(tiny("arrivals", layers=2), {"a": [], "b": []}, tmp_path)
+    rt = tidal.Runtime(device="cpu")
+    sched = tidal.Scheduler(rt, policy="lru")
+    with rt, sched:
+        for name in ("a", "b"):
+            sched.add_model(name, paths[name], **kw)
+        for _ in range(5):
+            sched.submit("a", [1, 2, 3], max_new_tokens=2)
+        snap = sched.snapshot()
+        window = min(tidal.scheduler.loop.ARRIVAL_WINDOW_S, max(1.0, snap.time))
+        assert snap.model("a").arrival_rate == pytest.approx(5 / window, rel=0.05)
+        assert snap.model("b").arrival_rate == 0.0
+        sched.run_until_idle()
