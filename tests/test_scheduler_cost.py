@@ -362,9 +362,9 @@ NOPAY_CMS = {"S4": _sized_cm(4, 2, 0.004, 0.02), "L12": _sized_cm(12, 10, 0.015,
 
 
 def _nopay(l12, l8):
-    """S4 small and popular with tight SLOs (full: 18 bytes), L12 (130) and L8 (90) with loose ones; a budget of
-    150: S4 fits whole beside either large model, the two large ones not together."""
-    s4 = _sized("S4", 4, 2, last=2, tpot=0.02, ttft=0.3)
+    """S4 small and popular (4 requests a second) with tight SLOs (full: 18 bytes), L12 (130) and L8 (90) with
+    loose ones; a budget of 150: S4 fits whole beside either large model, the two large ones not together."""
+    s4 = dataclasses.replace(_sized("S4", 4, 2, last=2, tpot=0.02, ttft=0.3), arrival_rate=4.0)
     return Snapshot(0.0, 0, 150, None, (s4, l12, l8), NOPAY_CMS)
 
 

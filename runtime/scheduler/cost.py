@@ -18,13 +18,12 @@ from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
 from .pricing import Pricing, require_cost_model
-from .plans import Estimate, Plan, due, greedy, over, quanta, slice_estimate, worth_switching
+from .plans import HORIZON_S, Estimate, Plan, due, greedy, misses, over, quanta, slice_estimate, worth_switching
 from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
 MAX_SUBSETS = 5  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
-HORIZON_S = 1.0  # the least time a plan is taken to hold: a request expected within it counts against the plan
 
 
 class CostScheduling:
@@ -207,8 +206,8 @@ class CostScheduling:
                 continue
             r = m.resident_layers()
             back = self.cost(snapshot, m, r, Load(m.name) if m.state is ModelState.UNLOADED else Resume(m.name))
-            extra += self._expected(m, est.seconds) * over((back or 0.0) + self.cost(snapshot, m, r, Step(m.name)),
-                                                          m.slo_ttft_s)
+            extra += self._expected(m, est.seconds) * min(1.0, over(
+                (back or 0.0) + self.cost(snapshot, m, r, Step(m.name)), m.slo_ttft_s))
         return dataclasses.replace(est, violation=est.violation + extra), plan
 
     def _co_residency(self, snapshot: Snapshot, work: list[ModelSnapshot]):
@@ -227,9 +226,9 @@ class CostScheduling:
             rnd, setup = sum(self._step(m, target[m.name]) for m in work), self._setup(plan)
             kept = [(m, weight[m.name] * self._step(m, target[m.name])) for m in members if not m.has_work]
             expected = rnd + sum(s for _, s in kept)  # the round once the kept idle models' requests come
-            violation = sum(over(expected, m.slo_tpot_s) + over(
-                None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd, m.slo_ttft_s)
-                for m in work) + sum(weight[m.name] * over(expected + s, m.slo_tpot_s) for m, s in kept)
+            violation = sum(misses(m, None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd,
+                                   expected) for m in work) + \
+                sum(weight[m.name] * min(1.0, over(expected + s, m.slo_tpot_s)) for m, s in kept)
             seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
             out.append(self._expecting(snapshot, (Estimate("co-residency", violation, seconds), plan)))
         return min(out, key=lambda p: p[0].key(), default=None)

@@ -330,7 +330,8 @@ class Scheduler:
                    kv_bytes=sum(-(-(len(r.prompt) + len(r.output_ids)) // block) * block_bytes for r in requests
                                 if r.engine_id is not None),
                    first_token_wait_s=max((now - r.submitted_at for r in requests if r.first_token_at is None),
-                                          default=None))
+                                          default=None),
+                   first_token_waiting=sum(r.first_token_at is None for r in requests))
         return out
 
     def _tick_once(self) -> bool:

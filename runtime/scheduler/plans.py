@@ -10,6 +10,10 @@ from ..policy import Preempt
 from .state import SetResidency, Snapshot, Step, set_residency
 
 
+SECONDS_MARGIN = 0.25  # at equal predicted violation, a plan of another kind must drain this much faster
+HORIZON_S = 1.0  # the least time a plan is taken to hold: requests expected within it count against the plan
+
+
 def load_cost_model(value, name: str):
     """`add_model(cost_model=...)`: a CostModel as given, or one fitted to every decode and preemption row of
     the profile.json at a path (`tidal.study.costfit`'s samples). ConfigError naming `name` otherwise."""
@@ -33,11 +37,21 @@ def over(seconds, slo) -> float:
     return 0.0 if seconds is None or slo is None else max(0.0, seconds / slo - 1.0)
 
 
+def misses(m, ttft, tpot) -> float:
+    """The SLO misses a model's requests are predicted (`ttft`, `tpot`: seconds, None: no prediction): per
+    SLO, its requests (for TTFT those still without a first token, for TPOT all unfinished ones) times the
+    relative overshoot capped at one, so that a request over twice its SLO counts as one miss, as SLO
+    attainment counts it, and one model's hopeless SLO cannot outweigh the others' that can still be met."""
+    waiting = max(m.first_token_waiting, 1 if m.first_token_wait_s is not None else 0)
+    return waiting * min(1.0, over(ttft, m.slo_ttft_s)) + \
+        max(1, m.queued + m.in_flight) * min(1.0, over(tpot, m.slo_tpot_s))
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """A candidate plan's predicted outcome: `violation`, the sum over models with work of the relative
-    overshoot of predicted TPOT and TTFT over their SLOs (0: every SLO met); `seconds`, the predicted time to
-    finish the work queued now."""
+    """A candidate plan's predicted outcome: `violation`, the requests predicted to miss an SLO (`misses`,
+    summed over the models with work, and over requests still to come; 0: every SLO met); `seconds`, the
+    predicted time to finish the work queued now."""
 
     kind: str  # "co-residency", "time-slicing" or "mixed"
     violation: float
@@ -109,15 +123,18 @@ def worth_switching(work, now, alt) -> bool:
     switch, whose cost S is alt's transitions (preempts, resumes, residency changes), counted once more (alt's
     estimate pays them once: this is the way back). In violation: alt's must be lower by S / SLO_TTFT summed
     over the models with a request waiting for its first token and a TTFT SLO (the overshoot the transitions
-    put on those first tokens); at equal violation, alt's seconds (which count S once) lower by 2 S: the way back,
-    and as much again, since both drain times ignore the requests still to come (at violation 0 on copay,
-    S alone let a drain time 13% shorter on paper move the policy off co-residency)."""
+    put on those first tokens); at equal violation, alt's seconds (which count S once) lower by 2 S (the way back,
+    and as much again) and by SECONDS_MARGIN of the current plan's: drain times are steady-state estimates
+    that ignore the requests still to come (at violation 0 on copay, S alone let a drain time 13% shorter on
+    paper move the policy off co-residency, preempting two busy models)."""
     (cur, _), (new, plan) = now, alt
     switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
-    margin = sum(switch / m.slo_ttft_s for m in work if m.slo_ttft_s and m.first_token_wait_s is not None)
+    margin = sum(misses(m, switch, None) / max(1, m.first_token_waiting) for m in work
+                 if m.first_token_wait_s is not None)
     if round(new.violation, 9) < round(cur.violation, 9):
         return new.violation + margin < cur.violation
-    return round(new.violation, 9) == round(cur.violation, 9) and new.seconds + 2 * switch < cur.seconds
+    return round(new.violation, 9) == round(cur.violation, 9) and \
+        new.seconds + 2 * switch < (1 - SECONDS_MARGIN) * cur.seconds
 
 
 def due(m, quantum: float, switch: float) -> bool:
@@ -141,20 +158,35 @@ def quanta(rest, rnd: dict, switch: dict, amortise: float) -> tuple[dict, dict]:
 
 def slice_estimate(kind: str, core, rest, x, rnd: dict, switch: dict, quantum: dict, setup: float) -> Estimate:
     """Time-slicing of `rest` (x on the device now) beside the always-stepped `core` (empty: plain time-slicing),
-    round robin at steady state: cycle = sum_t (switch_t + Q_t); a sliced model's round rnd_t steps it and the
-    core; TPOT_t = cycle x rnd_t / Q_t; TTFT_t = wait + (setup for x, else cycle - Q_t) + rnd_t. The core
+    round robin: cycle = sum_t (switch_t + Q_t); a sliced model's round rnd_t steps it and the core; its queued
+    work (its most remaining tokens N_t) needs k_t = ceil(N_t x rnd_t / Q_t) quanta, and waits the rest of a
+    cycle between two (k_t - 1 waits for x, k_t for the others): TPOT_t = rnd_t + waits x (cycle - Q_t) / N_t;
+    TTFT_t = wait + (setup for x, else cycle - Q_t) + rnd_t. Requests still to come: t's arrival rate x
+    HORIZON_S of them, each off the device with probability (cycle - Q_t) / cycle and then waiting uniformly
+    up to cycle - Q_t for its slot, a miss when that and a round exceed its TTFT SLO. The core
     emits sum_t Q_t / rnd_t tokens a cycle; its TTFT = wait + setup + rnd_x."""
     cycle = sum(switch[t.name] + quantum[t.name] for t in rest)
     violation = 0.0
     for t in rest:
-        n = t.name
+        n, tokens = t.name, max(1, t.remaining_tokens)
         ttft = None if t.first_token_wait_s is None else t.first_token_wait_s + (
             setup if t is x else cycle - quantum[n]) + rnd[n]
-        violation += over(cycle * rnd[n] / quantum[n], t.slo_tpot_s) + over(ttft, t.slo_ttft_s)
+        # its queued work needs k whole quanta; before each (but x's first, running now) it waits the rest of
+        # a cycle, and those waits spread over its tokens (the steady state's cycle x round / Q counts
+        # fractions of quanta, and understates a request that needs one more)
+        gaps = math.ceil(tokens * rnd[n] / quantum[n]) - (t is x)
+        violation += misses(t, ttft, rnd[n] + max(0, gaps) * (cycle - quantum[n]) / tokens)
+        off = cycle - quantum[n]
+        if t.arrival_rate and t.slo_ttft_s is not None and off > 0:
+            # requests still to come, HORIZON_S of them at its arrival rate: one arriving while t is off the
+            # device (a fraction off / cycle of the time) waits uniformly up to `off` for its slot, and misses
+            # when that wait and a round exceed its TTFT SLO
+            late = min(1.0, max(0.0, off - (t.slo_ttft_s - rnd[n])) / off)
+            violation += t.arrival_rate * HORIZON_S * off / cycle * late
     core_tpot = cycle / sum(quantum[t.name] / rnd[t.name] for t in rest) if core else 0.0
     for m in core:
         ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd[x.name]
-        violation += over(core_tpot, m.slo_tpot_s) + over(ttft, m.slo_ttft_s)
+        violation += misses(m, ttft, core_tpot)
     sliced = sum(max(1, t.remaining_tokens) * rnd[t.name] + switch[t.name] * (
         math.ceil(max(1, t.remaining_tokens) * rnd[t.name] / quantum[t.name]) - (t is x)) for t in rest)
     drained = max((max(1, m.remaining_tokens) * core_tpot for m in core), default=0.0)

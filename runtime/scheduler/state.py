@@ -40,6 +40,7 @@ class ModelSnapshot:
     remaining_tokens: int = 0  # most tokens any unfinished request may still generate (max_new_tokens left)
     kv_bytes: int = 0  # device KV bytes its in-flight requests hold (what a swap moves)
     first_token_wait_s: float | None = None  # age of its oldest request without a token yet; None: none
+    first_token_waiting: int = 0  # its unfinished requests without a token yet
     active_s: float = 0.0  # seconds since it was last loaded or resumed (0 when not active)
     preempted_kv: str | None = None  # the KV mode of its preemption ("swap", "recompute"); None if not preempted
     ring_slots: int = 3  # layer slots its streaming ring holds when a layer streams (prefetch_depth + 1)
