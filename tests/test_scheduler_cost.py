@@ -379,8 +379,18 @@ def test_mixed_plan_keeps_the_small_tight_slo_model_and_one_large_one_and_preemp
     # on the next tick (S4 and L12 whole, L8 preempted with work) it stays: only steps
     after = _nopay(_sized("L12", 12, 10, last=2, active_s=0.1), _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
     assert decide(policy, after) == [Step("L12"), Step("S4")]
-    # once L12's quantum is held, L8 takes its slot; S4 stays, untouched
+    # once L12's quantum is held, L8 would take its slot; but L12's 20 tokens to go need two more quanta,
+    # two stalls of its requests for a cycle (over their 60 ms TPOT SLO), and keeping it costs L8 none: it stays
     held = _nopay(_sized("L12", 12, 10, last=2, active_s=5.0), _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
+    assert decide(policy, held) == [Step("L12"), Step("S4")]
+    # even with 5 tokens to go: one stall over 5 tokens is worse still; it finishes them first, as lru would
+    held = _nopay(dataclasses.replace(_sized("L12", 12, 10, last=2, active_s=5.0), remaining_tokens=5),
+                  _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
+    assert decide(policy, held) == [Step("L12"), Step("S4")]
+    # once its requests are done, L8 takes the slot; S4 stays, untouched
+    held = _nopay(dataclasses.replace(_sized("L12", 12, 10, last=2, active_s=5.0), in_flight=0, remaining_tokens=0,
+                                      oldest_age_s=None),
+                  _sized("L8", 8, 10, S.PREEMPTED_HOST, last=1))
     actions = decide(policy, held)
     assert actions[0] == Preempt("L12", "host", "swap") and Resume("L8") in actions
     assert actions[-2:] == [Step("L8"), Step("S4")] and not any(a.model == "S4" for a in actions[:-1])

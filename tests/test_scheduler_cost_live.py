@@ -97,7 +97,8 @@ def test_cost_policy_live_matches_a_plain_engine_within_budget(paths, reference,
     assert all("why" not in e for e in sched.trace if e["action"] == "Step")
     learnt = policy.inner.correction.as_dict()
     assert set(learnt) == set(PROMPTS) and all({"step", "step_streamed"} & set(m) for m in learnt.values())
-    assert {k for m in learnt.values() for k in m} <= {"step", "step_streamed", "preempt_host", "resume_host"}
+    tiers = {f"{what}_{tier}" for what in ("preempt", "resume") for tier in ("host", "disk")}
+    assert {k for m in learnt.values() for k in m} <= {"step", "step_streamed"} | tiers
 
 
 def test_cost_policy_needs_a_cost_model_per_model(paths):

@@ -32,7 +32,11 @@ class CostScheduling:
     Objective, each tick: build three kinds of candidate plan over the snapshot and take the one with the lowest
     (predicted SLO violation, predicted seconds to finish the queued work) (`Estimate`: violations first,
     since an SLO is a promise and time only an efficiency; time breaks ties, so that with no SLO or none
-    attainable the plan that drains fastest wins).
+    attainable the plan that drains fastest wins). The violation counts requests predicted to miss an SLO
+    (`plans.misses`, each capped at one miss per SLO), those queued or in flight and those still to come at
+    each model's arrival rate (a model left off the device: `_expecting`; a time-sliced one:
+    `plans.slice_estimate`). Predictions are the cost models' scaled by what the loop measured (`Pricing`,
+    `observe`).
 
     (a) Co-residency: every model with work active and stepped each tick, so each emits one token per round
     of sum_m step_m(R_m). Residencies R_m are chosen greedily: every model starts at 0 resident layers (a
@@ -128,13 +132,11 @@ class CostScheduling:
         self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
-        mixed = sorted((self._expecting(snapshot, p) for p in self._mixed(snapshot, work, aged)),
-                       key=lambda p: p[0].key())
+        mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
         sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
         if sticky and mixed[0] is not sticky[0] and not worth_switching(work, sticky[0], mixed[0]):
             mixed.insert(0, sticky[0])
-        sliced = self._time_slice(snapshot, work, aged)
-        plans = [p for p in (self._co_residency(snapshot, work), sliced and self._expecting(snapshot, sliced))
+        plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
                  if p is not None] + mixed[:1]
         if not plans:
             self.last_estimates = []
@@ -313,13 +315,17 @@ class CostScheduling:
                 switch[t.name] = self._switch_cost(snapshot, t, target[t.name][t.name])
             else:
                 hold, quantum = quanta(rest, rnd, switch, self.amortise)
-                x = self._pick(rest, hold, switch, aged)
-                built = self._co_plan(snapshot, core + [x], [t for t in rest if t is not x])
-                if built is not None:
-                    plan, got = built
-                    rnd[x.name] = sum(self._step(m, got[m.name]) for m in core + [x])
-                    hold, quantum = quanta(rest, rnd, switch, self.amortise)
-                    out.append((slice_estimate("mixed", core, rest, x, rnd, switch, quantum, self._setup(plan)), plan))
+                built = []
+                for x in self._picks(rest, hold, switch, aged):
+                    co = self._co_plan(snapshot, core + [x], [t for t in rest if t is not x])
+                    if co is not None:
+                        plan, got = co
+                        r = dict(rnd, **{x.name: sum(self._step(m, got[m.name]) for m in core + [x])})
+                        q = quanta(rest, r, switch, self.amortise)[1]
+                        built.append(self._expecting(snapshot, (slice_estimate(
+                            "mixed", core, rest, x, r, switch, q, self._setup(plan)), plan)))
+                if built:
+                    out.append(self._choose(built))
         return out
 
     @staticmethod
@@ -350,6 +356,19 @@ class CostScheduling:
         return next(o for o in others if due(o, hold[current.name], switch[o.name])) if current is not None \
             else others[0]
 
+    def _picks(self, work: list[ModelSnapshot], hold: dict, switch: dict, aged: list[ModelSnapshot]) -> list:
+        """The candidates for the slot: `_pick`'s, and, when that takes the device from a current model with
+        requests in flight and a TPOT SLO (its quantum held, another due) and none has aged, the current model
+        kept: the estimates decide (`_choose`) between stalling its requests mid-generation and making the
+        others wait longer (lru never preempts a busy model, which on nopay kept L12's TPOT)."""
+        x = self._pick(work, hold, switch, aged)
+        active = [m for m in work if m.state.active]
+        current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
+        if any(m in work for m in aged) or current is None or current is x or not current.in_flight or \
+                current.slo_tpot_s is None:
+            return [x]
+        return [x, current]
+
     def _time_slice(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]):
         alone = {m.name: self._alone(snapshot, m) for m in work}
         step = {m.name: self._step(m, alone[m.name]) for m in work}
@@ -358,7 +377,28 @@ class CostScheduling:
         # its end from the remaining tokens cut quanta short, as new requests join its batch); the estimate
         # counts only the time its queued work needs
         hold, quantum = quanta(work, step, switch, self.amortise)
-        x = self._pick(work, hold, switch, aged)
+        built = []
+        for x in self._picks(work, hold, switch, aged):
+            plan = self._slice_plan(snapshot, work, x, alone[x.name])
+            if plan is not None:
+                built.append(self._expecting(snapshot, (slice_estimate(
+                    "time-slicing", [], work, x, step, switch, quantum, self._setup(plan)), plan)))
+        return self._choose(built) if built else None
+
+    @staticmethod
+    def _choose(built: list):
+        """Of the slot's candidate plans (`_picks`' order), the first, unless a later one (the current model
+        kept) is predicted to miss fewer SLOs: time alone does not keep a model past its quantum, so that
+        round robin still bounds every wait."""
+        best = built[0]
+        for alt in built[1:]:
+            if round(alt[0].violation, 9) < round(best[0].violation, 9):
+                best = alt
+        return best
+
+    def _slice_plan(self, snapshot: Snapshot, work: list[ModelSnapshot], x: ModelSnapshot, alone: int):
+        """The plan that gives `x` the device alone among the models with work, at up to `alone` resident
+        layers, and steps it; None when it does not fit."""
         plan = Plan(self, snapshot)
         try:
             reserve = 0 if x.state.active else x.need().host_bytes
@@ -375,7 +415,7 @@ class CostScheduling:
                         if not idle:
                             return None
                         self._evict(plan, snapshot.model(idle.pop(0).name), reserve)
-            for r in range(alone[x.name], plan.resident[x.name], -1):  # as many resident layers as fit
+            for r in range(alone, plan.resident[x.name], -1):  # as many resident layers as fit
                 try:
                     plan.add(SetResidency(x.name, r / x.num_layers))
                     break
@@ -384,7 +424,7 @@ class CostScheduling:
         except (OutOfDeviceMemory, StateError):
             return None
         plan.add(Step(x.name))
-        return slice_estimate("time-slicing", [], work, x, step, switch, quantum, self._setup(plan)), plan
+        return plan
 
     def __repr__(self) -> str:
         return (f"CostScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks}"

@@ -227,7 +227,9 @@ class Service:
             req = self.scheduler.submit(name, [token], max_new_tokens=1)
             req.wait(timeout=600)
             log.info("tidal serve: %s warmed up in %.2f s", name, time.monotonic() - t)
-        for name, st in self.scheduler.runtime.status().items():
+        with self.scheduler.between_ticks():  # the loop's thread changes the Runtime's books during a tick
+            status = self.scheduler.runtime.status()
+        for name, st in status.items():
             log.info("tidal serve: %s is %s", name, st)
 
     @property
