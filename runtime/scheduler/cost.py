@@ -87,6 +87,7 @@ class CostScheduling:
         self.pricing = Pricing(online)  # what actions cost: the cost models, corrected from `observe`
         self._fallback = ExclusiveScheduling(max_wait_s, max_skipped_ticks)
         self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
+        self._steps: dict = {}  # `_step`'s and `_switch_cost`'s predictions at that tick
         self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
         self._samples: tuple[int, dict] = (-1, {})  # (tick, action -> (uncorrected seconds, kind)) of that plan
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
@@ -131,6 +132,7 @@ class CostScheduling:
             return []
         self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
+        self._steps = {}  # predicted steps and switches at this snapshot, by (name, resident layers)
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
         mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
         sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
@@ -160,7 +162,10 @@ class CostScheduling:
                  "seconds": round(e.seconds, 4)} for e in self.last_estimates]
 
     def _step(self, m: ModelSnapshot, resident: int) -> float:
-        return self.pricing.step(self._cms[m.name], m, resident)
+        key = (m.name, resident)  # the greedy asks for the same steps again and again within a decide
+        if key not in self._steps:
+            self._steps[key] = self.pricing.step(self._cms[m.name], m, resident)
+        return self._steps[key]
 
     def _evict(self, plan: Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:
         """Preempt `m` to the tier `Pricing.tier` chooses, the host only when the host budget takes its copy."""
@@ -173,10 +178,13 @@ class CostScheduling:
     def _switch_cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int) -> float:
         """The predicted round trip (preempt + resume) of `m` to the tier `Pricing.tier` would choose (0 when none can
         be predicted)."""
-        host_fits = snapshot.host_budget is None or \
-            snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
-        tier = self.pricing.tier(self._cms[m.name], m, resident, host_fits)
-        return tier[0] if tier else 0.0
+        key = ("switch", m.name, resident)
+        if key not in self._steps:
+            host_fits = snapshot.host_budget is None or \
+                snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
+            tier = self.pricing.tier(self._cms[m.name], m, resident, host_fits)
+            self._steps[key] = tier[0] if tier else 0.0
+        return self._steps[key]
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""
