@@ -7,7 +7,7 @@ import pytest
 
 from tidal.errors import ConfigError
 from tidal.policy import ModelState, Preempt, Resume
-from tidal.scheduler import CostScheduling, SetResidency, Snapshot, Step
+from tidal.scheduler import CostScheduling, SetResidency, Step
 from tidal.scheduler.online import OnlineCorrection
 from test_scheduler_cost import cost_model, decide, model, snap
 
@@ -201,28 +201,3 @@ def test_a_sliced_models_tpot_counts_each_whole_wait_for_its_slot():
     tpot = 0.01 + 2 * (1.7 - 0.2) / 30
     assert 1.7 * 0.01 / 0.2 < 0.1 < tpot
     assert est.violation == pytest.approx(tpot / 0.1 - 1)
-
-
-# -- the decision interval ----------------------------------------------------------------------------------------
-def test_a_plan_of_steps_is_kept_while_nothing_changes_for_up_to_the_interval(monkeypatch):
-    from tidal.scheduler import cost
-
-    policy, calls = CostScheduling(), []
-    real = policy._co_residency
-    monkeypatch.setattr(policy, "_co_residency", lambda *a: calls.append(1) or real(*a))
-
-    def at(t, tick, **kw):
-        s = snap(model("a", tpot=1.0, last=1, **kw), model("b", tpot=1.0), device=None, tick=tick)
-        return Snapshot(t, s.tick, s.device_budget, s.host_budget, s.models, s.cost_models)
-
-    first = decide(policy, at(0.0, 0))
-    assert first == [Step("a"), Step("b")] and len(calls) == 1
-    assert decide(policy, at(0.5 * cost.REDECIDE_S, 1)) == first and len(calls) == 1  # kept: no decide
-    policy.observe(at(0.5 * cost.REDECIDE_S, 1), Step("a"), 1.0)  # still a sample at the kept tick
-    assert policy.correction.as_dict()["a"]["step"]["samples"] == 1
-    decide(policy, at(2 * cost.REDECIDE_S, 2))  # the interval is over: decided again
-    assert len(calls) == 2
-    decide(policy, at(2.2 * cost.REDECIDE_S, 3, in_flight=3))  # a request joined a: decided again
-    assert len(calls) == 3
-    decide(policy, at(2.4 * cost.REDECIDE_S, 4, in_flight=3, skipped=100))  # a has aged: decided again
-    assert len(calls) == 4

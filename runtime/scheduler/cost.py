@@ -24,7 +24,6 @@ from .state import ModelSnapshot, SetResidency, Snapshot, Step
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
 MAX_SUBSETS = 5  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
-REDECIDE_S = 0.01  # a plan of steps alone is kept this long while nothing changes (see `decide`)
 
 
 class CostScheduling:
@@ -65,9 +64,6 @@ class CostScheduling:
     (`_co_plan`), the others preempted as in (b). Predicted as (b) with rounds for steps; the core emits
     sum_t Q_t / round_t tokens a cycle (`plans.slice_estimate`). The best core is the mixed candidate.
 
-    Decision interval: a plan of steps alone is kept, without a new decide, while nothing changes (no model
-    gains or loses work, no request arrives, finishes or gets its first token, none ages) for up to REDECIDE_S.
-
     Hysteresis: the kind of plan chosen last (and a mixed plan's core) stays unless the other's gain covers
     the switch (`plans.worth_switching`: its transitions' seconds, and as much again to come back).
 
@@ -97,7 +93,6 @@ class CostScheduling:
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
         self._kind: str | None = None  # the kind of plan the last decide chose (hysteresis)
         self._core: tuple = ()  # the co-resident models of the last mixed plan chosen
-        self._kept: tuple | None = None  # (state shape, time, actions) of the last plan of steps alone
 
     # -- predictions -----------------------------------------------------------------------------------------
     @property
@@ -137,20 +132,8 @@ class CostScheduling:
             return []
         self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
-        aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
-        shape = tuple((m.name, m.state, m.queued, m.in_flight, m.first_token_waiting) for m in snapshot.models)
-        if not aged and self._kept is not None and self._kept[0] == shape and \
-                snapshot.time - self._kept[1] < REDECIDE_S:
-            # nothing changed since a plan of steps alone was chosen: no model gained or lost work, no request
-            # arrived, finished or got its first token, none aged; keep it rather than spend a decide (about
-            # 1 ms in Python for three models) on a tick a small model's step takes a few ms of
-            actions = list(self._kept[2])
-            priced = [self.pricing.price(snapshot, m, m.resident_layers(), a)
-                      for a, m in ((a, snapshot.model(a.model)) for a in actions)]
-            self._predicted = (snapshot.tick, {a: p[0] for a, p in zip(actions, priced)})
-            self._samples = (snapshot.tick, {a: p[1:] for a, p in zip(actions, priced)})
-            return actions
         self._steps = {}  # predicted steps and switches at this snapshot, by (name, resident layers)
+        aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
         mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
         sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
         if sticky and mixed[0] is not sticky[0] and not worth_switching(work, sticky[0], mixed[0]):
@@ -158,7 +141,7 @@ class CostScheduling:
         plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
                  if p is not None] + mixed[:1]
         if not plans:
-            self.last_estimates, self._kept = [], None
+            self.last_estimates = []
             return self._fallback.decide(snapshot)
         plans.sort(key=lambda p: p[0].key())
         now = [p for p in plans if p[0].kind == self._kind]
@@ -170,8 +153,6 @@ class CostScheduling:
         self.last_estimates = [p[0] for p in plans]
         self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
         self._samples = (snapshot.tick, dict(zip(plan.actions, plan.samples)))
-        steady = all(isinstance(a, Step) for a in plan.actions)
-        self._kept = (shape, snapshot.time, tuple(plan.actions)) if steady else None
         return plan.actions
 
     def explain(self) -> list[dict]:
