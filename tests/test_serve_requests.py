@@ -9,7 +9,6 @@ import torch
 
 import tidal
 from tidal.errors import StateError
-from tidal.scheduler import ScheduledRequest
 from scheduler_util import build_models, tiny
 
 TINY = tiny("serve-req-tiny", layers=2)
@@ -87,9 +86,9 @@ def test_started_at_is_when_the_engine_got_it(sched):
     assert req.submitted_at <= before <= req.started_at <= req.first_token_at <= req.finished_at
 
 
-def test_started_at_alone():
-    req = ScheduledRequest("m", [1], None)
-    req.engine_id = 5
-    first = req.started_at
-    req.engine_id = 6  # handed over again: the first hand-over stays
-    assert first is not None and req.started_at == first and req.engine_id == 6
+def test_every_request_is_started_once_between_its_submission_and_its_first_token(sched):
+    reqs = [sched.submit("m", [1, 2, 3][: k + 1], max_new_tokens=2) for k in range(3)]
+    sched.run_until_idle()
+    for req in reqs:
+        assert req.engine_id is not None
+        assert req.submitted_at <= req.started_at <= req.first_token_at <= req.finished_at

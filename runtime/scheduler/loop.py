@@ -412,6 +412,7 @@ class Scheduler:
             except PromptError as exc:  # checked at submit; an engine built differently may still refuse it
                 req._finish("error", time.monotonic(), exc)
                 continue
+            req.started_at = time.monotonic()
             flight[req.engine_id] = req
         outputs = engine.step()
         now = time.monotonic()

@@ -31,22 +31,10 @@ class ScheduledRequest:
         self.token_times: list[float] = []
         self.finished_at: float | None = None
         self.started_at: float | None = None
-        self._engine_id: int | None = None
+        self.engine_id: int | None = None  # its id in the model's engine once handed over (the loop's)
         self._done = threading.Event()
         self._lock = threading.Lock()  # orders the listener's calls: the replay in listen(), then the loop's
         self._listener = None
-
-    @property
-    def engine_id(self) -> int | None:
-        """Its id in the model's engine once handed over (the loop sets it, and `started_at` with it)."""
-        return self._engine_id
-
-    @engine_id.setter
-    def engine_id(self, value: int | None) -> None:
-        # the loop assigns the id add_request returned: that is the moment the request reached its engine
-        if value is not None and self.started_at is None:
-            self.started_at = time.monotonic()
-        self._engine_id = value
 
     @property
     def done(self) -> bool:
