@@ -322,7 +322,7 @@ class CostScheduling:
                 rnd[t.name] = sum(self._step(m, target[t.name][m.name]) for m in members)
                 switch[t.name] = self._switch_cost(snapshot, t, target[t.name][t.name])
             else:
-                hold, quantum = quanta(rest, rnd, switch, self.amortise)
+                hold = quanta(rest, rnd, switch, self.amortise)[0]
                 built = []
                 for x in self._picks(rest, hold, switch, aged):
                     co = self._co_plan(snapshot, core + [x], [t for t in rest if t is not x])
@@ -346,13 +346,18 @@ class CostScheduling:
         tight = sorted(work, key=lambda m: (m.slo_tpot_s or math.inf, m.slo_ttft_s or math.inf, m.name))
         return [tight[:k] for k in range(1, len(work) - 1)]
 
+    @staticmethod
+    def _current(work: list[ModelSnapshot]) -> ModelSnapshot | None:
+        """The time-sliced model on the device now: the most recently used active one."""
+        active = [m for m in work if m.state.active]
+        return max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
+
     def _pick(self, work: list[ModelSnapshot], hold: dict, switch: dict, aged: list[ModelSnapshot]) -> ModelSnapshot:
         """The time-sliced model on the device this tick: the first aged one; else the current one (the most
         recently used active one) until its quantum is held, or while no other is `due`; else the most urgent
         other (least TTFT slack, then oldest request) that is due."""
         aged = [m for m in aged if m in work]
-        active = [m for m in work if m.state.active]
-        current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
+        current = self._current(work)
         others = sorted((m for m in work if m is not current), key=lambda m: (
             math.inf if m.slo_ttft_s is None or m.first_token_wait_s is None else m.slo_ttft_s - m.first_token_wait_s,
             -(m.oldest_age_s or 0.0), m.name))
@@ -369,9 +374,7 @@ class CostScheduling:
         requests in flight and a TPOT SLO (its quantum held, another due) and none has aged, the current model
         kept: the estimates decide (`_choose`) between stalling its requests mid-generation and making the
         others wait longer (lru never preempts a busy model, which on nopay kept L12's TPOT)."""
-        x = self._pick(work, hold, switch, aged)
-        active = [m for m in work if m.state.active]
-        current = max(active, key=lambda m: (m.view.last_used, m.name)) if active else None
+        x, current = self._pick(work, hold, switch, aged), self._current(work)
         if any(m in work for m in aged) or current is None or current is x or not current.in_flight or \
                 current.slo_tpot_s is None:
             return [x]

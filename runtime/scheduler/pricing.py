@@ -43,17 +43,19 @@ class Pricing:
 
     def price(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, action) -> tuple:
         """(corrected seconds, the cost model's own seconds, the correction's kind or None) of `action`."""
-        raw = self._raw(snapshot, m, resident, action)
+        raw = self._raw(snapshot.cost_models.get(m.name), m, resident, action)
         kind = self.sample_kind(m, resident, action)
-        if raw is None or kind is None or self.correction is None:
-            return raw, raw, kind
-        return raw * self.correction.factor(m.name, kind), raw, kind
+        return self._scaled(m.name, kind, raw), raw, kind
+
+    def _scaled(self, name: str, kind: str | None, seconds: float | None) -> float | None:
+        if seconds is None or kind is None or self.correction is None:
+            return seconds
+        return seconds * self.correction.factor(name, kind)
 
     def step(self, cm, m: ModelSnapshot, resident: int) -> float:
         """A decode step of `m`'s batch (queued and in flight, at least 1) at `resident` layers, corrected."""
-        seconds = cm.predict_step(resident, max(1, m.queued + m.in_flight), m.context)
-        kind = self.sample_kind(m, resident, Step(m.name))
-        return seconds if self.correction is None else seconds * self.correction.factor(m.name, kind)
+        step = Step(m.name)
+        return self._scaled(m.name, self.sample_kind(m, resident, step), self._raw(cm, m, resident, step))
 
     @staticmethod
     def sample_kind(m: ModelSnapshot, resident: int, action) -> str | None:
@@ -66,8 +68,7 @@ class Pricing:
             return f"resume_{m.state.weights or 'host'}"
         return None
 
-    def _raw(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, action) -> float | None:
-        cm = snapshot.cost_models.get(m.name)
+    def _raw(self, cm, m: ModelSnapshot, resident: int, action) -> float | None:
         if getattr(cm, "step", None) is None:
             return None
         w, n = cm.step.layer_bytes, cm.step.num_layers
@@ -103,10 +104,8 @@ class Pricing:
         to that tier)."""
         out = cm.predict_preempt(resident * cm.step.layer_bytes, m.kv_bytes if kv == "swap" else 0, weights, kv)
         back = self._resume(cm, m, resident, weights, kv)["total"]
-        if self.correction is not None:
-            out["total"] *= self.correction.factor(m.name, f"preempt_{weights}")
-            back *= self.correction.factor(m.name, f"resume_{weights}")
-        return out["total"] + back
+        return self._scaled(m.name, f"preempt_{weights}", out["total"]) + \
+            self._scaled(m.name, f"resume_{weights}", back)
 
     def tier(self, cm, m: ModelSnapshot, resident: int, host_fits: bool) -> tuple[float, str, str] | None:
         """(predicted round trip, weights, kv) of the tier `m` is preempted to: the host whenever `host_fits`,
