@@ -26,8 +26,8 @@ def paths(tmp_path_factory):
 
 
 class ReportingRuntime(tidal.Runtime):
-    """Keeps the report of every preempt and resume, so that the test can attach them to the trace entries as
-    the scheduler's hook would (entry["report"] = report.to_dict())."""
+    """Keeps the report of every preempt and resume as the Runtime returned it: the reference the trace
+    entries' reports (and the metrics read from them) are checked against."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
