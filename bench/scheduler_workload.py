@@ -66,12 +66,12 @@ def workloads(quick: bool) -> dict[str, Workload]:
                 "nopay": Workload("nopay", "quick smoke", ms, 0.5, 1.2, (3, 8), (3, 8), link="0.02", rate=4.0)}
     big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # the `tiny` preset's layer: 3.15 MB fp32
     copay = Workload(
-        "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.3) at 8 "
+        "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.3) at 10 "
                  "requests/s, all three busy most of the time, a tight TTFT SLO and a TPOT SLO a round of three "
                  "can meet; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a decode step about "
                  "2x, a whole-model reload 8.9x the model's decode step plus its KV",
         (Model("L12", big("L12", 12), 0.15, 0.1), Model("L10", big("L10", 10), 0.15, 0.1),
-         Model("L8", big("L8", 8), 0.15, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=8.0)
+         Model("L8", big("L8", 8), 0.15, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=10.0)
     nopay = Workload(
         "nopay", "co-residency should not pay: a small, popular model (Zipf s=1.2, rank 1) whose decode "
                  "collapses when any of its layers streams behind the link, and two larger, rarer ones; the "

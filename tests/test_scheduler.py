@@ -286,3 +286,33 @@ def test_set_residency_through_the_runtime_keeps_tokens_and_budgets(paths, refer
     assert seen[2] == 1.0 and seen[3] == 0.5 and seen[6] == 1.0
     changes = [e for e in sched.trace if e["action"] == "SetResidency"]
     assert [e["args"] for e in changes] == [{"fraction": 0.5}, {"fraction": 1.0}]
+
+
+def test_remove_model_frees_its_bytes_and_it_can_come_back(paths, reference, size):
+    rt, sched, _ = make(paths, size, "lru", 1.0)  # one model at a time: m0 is preempted to the host below
+    with rt, sched:
+        for name in ("m0", "m1"):
+            p, n = PROMPTS[name][0]
+            sched.submit(name, p, max_new_tokens=n)
+            sched.run_until_idle()
+        assert rt.status()["m0"].preempted and rt.status()["m0"].host_bytes > 0
+        busy = sched.submit("m1", [1, 2], max_new_tokens=3)
+        with pytest.raises(StateError, match="1 requests queued or in flight"):
+            sched.remove_model("m1")
+        assert sched.unfinished("m1") == 1 and "m1" in rt.models  # nothing changed
+        sched.run_until_idle()
+        assert busy.done and sched.unfinished("m1") == 0
+        host_before = rt._host_used()
+        sched.remove_model("m0")  # preempted: its host copy goes
+        assert "m0" not in rt.models and rt._host_used() < host_before
+        assert "m0" not in {m.name for m in sched.snapshot().models}
+        with pytest.raises(ConfigError, match="no model named 'm0'"):
+            sched.submit("m0", [1], max_new_tokens=1)
+        with pytest.raises(ConfigError, match="no model named 'm0'"):
+            sched.remove_model("m0")
+        sched.add_model("m0", paths["m0"], **KW)  # registered anew: loads anew, same tokens
+        p, n = PROMPTS["m0"][1]
+        r = sched.submit("m0", p, max_new_tokens=n)
+        sched.run_until_idle()
+        assert r.output_ids == reference["m0"][tuple(p)]
+        assert [e["action"] for e in sched.trace if e["model"] == "m0"].count("Load") == 2

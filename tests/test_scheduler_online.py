@@ -71,8 +71,8 @@ def test_the_policy_scales_its_step_predictions_by_what_it_observed():
 
 def test_preemptions_are_corrected_per_tier_and_steps_per_regime():
     cm = cost_model(per_layer=0.02, reload=0.005)  # time-slicing: b is preempted to the host
-    s = snap(model("a", fraction=0.5, tpot=0.05, last=1), model("b", fraction=0.5, tpot=0.05), device=180,
-             cms={"a": cm, "b": cm})
+    s = snap(model("a", fraction=0.5, tpot=0.05, last=1), model("b", fraction=0.5, tpot=0.05, active_s=1.0),
+             device=180, cms={"a": cm, "b": cm})
     policy = CostScheduling()
     actions = decide(policy, s)
     assert actions[0] == Preempt("b", "host", "swap")
@@ -153,7 +153,7 @@ def test_the_loop_measures_each_models_arrival_rate(tmp_path):
         for _ in range(5):
             sched.submit("a", [1, 2, 3], max_new_tokens=2)
         snap = sched.snapshot()
-        window = min(tidal.scheduler.loop.ARRIVAL_WINDOW_S, max(1.0, snap.time))
+        window = min(tidal.scheduler.snapshots.ARRIVAL_WINDOW_S, max(1.0, snap.time))
         assert snap.model("a").arrival_rate == pytest.approx(5 / window, rel=0.05)
         assert snap.model("b").arrival_rate == 0.0
         sched.run_until_idle()
@@ -172,6 +172,11 @@ def test_misses_count_requests_and_cap_each_at_one():
     assert misses(m, 1.0, 1.0) == 6.0
     no_slo = model("b", in_flight=3)
     assert misses(no_slo, 9.0, 9.0) == 0.0
+    # a plan's transitions stall the three in flight (0.5 s over the 50 remaining tokens: 10 ms each); the
+    # queued one pays them in its TTFT, not its TPOT
+    m = dataclasses.replace(m, remaining_tokens=50)
+    assert misses(m, None, 0.05, stall=0.5) == pytest.approx(3 * 0.2)
+    assert misses(m, None, 0.06, stall=0.5) == pytest.approx(3 * 0.4 + 1 * 0.2)
 
 
 def test_a_time_sliced_model_pays_for_the_requests_that_arrive_while_it_is_off_the_device():

@@ -65,7 +65,10 @@ class CostScheduling:
     sum_t Q_t / round_t tokens a cycle (`plans.slice_estimate`). The best core is the mixed candidate.
 
     Hysteresis: the kind of plan chosen last (and a mixed plan's core) stays unless the other's gain covers
-    the switch (`plans.worth_switching`: its transitions' seconds, and as much again to come back).
+    the switch (`plans.worth_switching`: its transitions' seconds, and as much again to come back). A plan's
+    transitions stall the requests in flight of the models it keeps on the device (`plans.misses`' stall).
+    No plan preempts a model with requests in flight before it has held the device for a quantum, unless a
+    model has aged (`_pinned`).
 
     Aging (`policies.Aging`, reused): once a model has aged, time-slicing and a mixed plan's slot serve the
     first aged model (preempting any other), co-residency steps every model with work anyway; so the exclusive and lru
@@ -134,12 +137,13 @@ class CostScheduling:
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
         self._steps = {}  # predicted steps and switches at this snapshot, by (name, resident layers)
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
-        mixed = sorted(self._mixed(snapshot, work, aged), key=lambda p: p[0].key())
+        pinned = self._pinned(snapshot, work, aged)
+        mixed = sorted(self._unpinned(self._mixed(snapshot, work, aged), pinned), key=lambda p: p[0].key())
         sticky = [p for p in mixed if p[0].core == self._core]  # the co-resident set stays unless worth changing
         if sticky and mixed[0] is not sticky[0] and not worth_switching(work, sticky[0], mixed[0]):
             mixed.insert(0, sticky[0])
-        plans = [p for p in (self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged))
-                 if p is not None] + mixed[:1]
+        alone = [self._co_residency(snapshot, work), self._time_slice(snapshot, work, aged)]
+        plans = self._unpinned([p for p in alone if p is not None], pinned) + mixed[:1]
         if not plans:
             self.last_estimates = []
             return self._fallback.decide(snapshot)
@@ -154,6 +158,21 @@ class CostScheduling:
         self._predicted = (snapshot.tick, dict(zip(plan.actions, plan.costs)))
         self._samples = (snapshot.tick, dict(zip(plan.actions, plan.samples)))
         return plan.actions
+
+    def _pinned(self, snapshot: Snapshot, work: list[ModelSnapshot], aged: list[ModelSnapshot]) -> set[str]:
+        """The models no plan may preempt this tick: active ones with requests in flight that have not yet held
+        the device for a quantum (`amortise` x the dearest switch among the models with work, as time-slicing
+        sets it); none once a model has aged (aging may take the device from anyone)."""
+        if aged:
+            return set()
+        dearest = max(self._switch_cost(snapshot, m, self._alone(snapshot, m)) for m in work) if len(work) > 1 else 0.0
+        return {m.name for m in work if m.state.active and m.in_flight and m.active_s < self.amortise * dearest}
+
+    @staticmethod
+    def _unpinned(built: list, pinned: set[str]) -> list:
+        """The candidates (Estimate, Plan) that preempt no pinned model; all of them when none is left."""
+        ok = [p for p in built if not any(isinstance(a, Preempt) and a.model in pinned for a in p[1].actions)]
+        return ok or built
 
     def explain(self) -> list[dict]:
         """The last decide's candidate plans as predicted, the chosen one first: kind, the mixed plan's core,
@@ -237,7 +256,7 @@ class CostScheduling:
             kept = [(m, weight[m.name] * self._step(m, target[m.name])) for m in members if not m.has_work]
             expected = rnd + sum(s for _, s in kept)  # the round once the kept idle models' requests come
             violation = sum(misses(m, None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd,
-                                   expected) for m in work) + \
+                                   expected, setup) for m in work) + \
                 sum(weight[m.name] * min(1.0, over(expected + s, m.slo_tpot_s)) for m, s in kept)
             seconds = setup + max(max(1, m.remaining_tokens) for m in work) * rnd
             out.append(self._expecting(snapshot, (Estimate("co-residency", violation, seconds), plan)))
@@ -416,8 +435,9 @@ class CostScheduling:
             for v in plan.view.lru_order():
                 if v.state.active and v.name != x.name and snapshot.model(v.name).has_work:
                     self._evict(plan, snapshot.model(v.name), reserve)
-            if not x.state.active:
-                idle = [v for v in plan.view.lru_order() if v.state.active and v.name != x.name]
+            if not x.state.active:  # idle models leave only while the room is needed, the least expected first
+                idle = sorted((v for v in plan.view.lru_order() if v.state.active and v.name != x.name),
+                              key=lambda v: snapshot.model(v.name).arrival_rate)
                 while True:
                     try:
                         plan.add(Load(x.name) if x.state is ModelState.UNLOADED else Resume(x.name))

@@ -15,19 +15,18 @@ import threading
 import time
 
 from ..engine import Engine
-from ..engine.preemption import staging_bytes
 from ..engine.request import token_list
 from ..errors import ConfigError, OutOfDeviceMemory, PromptError, StateError
-from ..policy import Load, ModelState, ModelView, Preempt, Resume
+from ..policy import Load, Preempt, Resume
 from ..sampling import SamplingParams
 from ..text import eos_token_ids
 from .plans import load_cost_model
 from .policies import resolve
+from . import snapshots
 from .requests import ScheduledRequest, Trace
-from .state import ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
+from .state import SetResidency, Snapshot, Step, Unload, check_actions
 
 MAX_STALLED_TICKS = 1000  # ticks in a row with work waiting and no step before the loop calls the policy stuck
-ARRIVAL_WINDOW_S = 10.0  # a model's arrival rate in the snapshot: its submissions over the last this many seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +161,32 @@ class Scheduler:
             self._queues[name] = collections.deque()
             self._in_flight[name] = {}
 
+    def remove_model(self, name: str) -> None:
+        """Deregister `name`: its engine is closed (its device and host bytes freed, its trace entries kept) and
+        it leaves the policy's snapshot; `add_model` may register it again. ConfigError for an unknown model,
+        StateError while it has requests queued or in flight (abort them, or wait: `unfinished`). Thread-safe:
+        it waits for the tick in progress."""
+        with self._drive:
+            with self._lock:
+                if name not in self._models:
+                    raise ConfigError(f"no model named {name!r} (registered: {sorted(self._models)})")
+                busy = len(self._queues[name]) + len(self._in_flight.get(name, {}))
+                if busy:
+                    raise StateError(f"model {name!r} has {busy} requests queued or in flight; abort them first")
+                del self._models[name], self._queues[name]
+                self._in_flight.pop(name, None)
+                self._arrivals.pop(name, None)
+                self.cost_models.pop(name, None)
+            for books in (self._last_used, self._last_step_at, self._active_since, self._skipped):
+                books.pop(name, None)
+            if name in self.runtime.models:
+                self.runtime.unload(name)
+
+    def unfinished(self, name: str) -> int:
+        """Requests of `name` queued or in flight (0 for a model not registered). Thread-safe."""
+        with self._lock:
+            return len(self._queues.get(name, ())) + len(self._in_flight.get(name, {}))
+
     def submit(self, model: str, prompt, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop_token_ids=None) -> ScheduledRequest:
         """Queue `prompt` (token ids) for `model`; returns its ScheduledRequest. Thread-safe. ConfigError for an
@@ -186,10 +211,12 @@ class Scheduler:
         req = ScheduledRequest(model, tokens, params)
         with self._lock:
             self._check_alive()
+            if model not in self._queues:  # removed since the checks above
+                raise ConfigError(f"no model named {model!r} (registered: {sorted(self._models)})")
             self._queues[model].append(req)
             arrivals = self._arrivals.setdefault(model, collections.deque())
             arrivals.append(req.submitted_at)
-            while arrivals[0] < req.submitted_at - ARRIVAL_WINDOW_S:
+            while arrivals[0] < req.submitted_at - snapshots.ARRIVAL_WINDOW_S:
                 arrivals.popleft()
             self._wake.notify_all()
         return req
@@ -284,55 +311,8 @@ class Scheduler:
 
     # -- one tick ------------------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """The frozen state a policy decides on (see `state.Snapshot`)."""
-        now = time.monotonic()
-        rt = self.runtime
-        loaded = {v.name: v for v in rt.view().models}  # the Runtime's own snapshot of its engines
-        with self._lock:
-            queued = {n: (len(q), q[0].submitted_at if q else None) for n, q in self._queues.items()}
-            waiting = {n: list(q) for n, q in self._queues.items()}
-            window = min(ARRIVAL_WINDOW_S, max(1.0, now - self._t0))
-            rates = {n: sum(t >= now - window for t in a) / window for n, a in self._arrivals.items()}
-        models = []
-        for name in list(self._models) + [n for n in loaded if n not in self._models]:
-            reg = self._models.get(name)
-            view = loaded.get(name) or ModelView(name, ModelState.UNLOADED, 0, 0, reg.device_bytes, reg.host_bytes)
-            view = dataclasses.replace(view, last_used=self._last_used.get(name, -1))
-            n_queued, first = queued.get(name, (0, None))
-            in_flight = self._in_flight.get(name, {})
-            starts = [t for t in [first] + [r.submitted_at for r in in_flight.values()] if t is not None]
-            oldest = min(starts) if starts else None
-            engine = rt.models.get(name)
-            fraction = engine.plan.resident_fraction if engine is not None else reg.resident_fraction
-            models.append(ModelSnapshot(
-                view, fraction, n_queued, len(in_flight),
-                oldest_age_s=None if oldest is None else now - oldest,
-                waited_s=0.0 if oldest is None else now - max(oldest, self._last_step_at.get(name, oldest)),
-                skipped_ticks=self._skipped.get(name, 0) if oldest is not None else 0,
-                resume_staging_bytes=staging_bytes(engine) if engine is not None else 0,
-                arrival_rate=rates.get(name, 0.0),
-                **self._cost_view(name, reg, view, engine, waiting.get(name, []) + list(in_flight.values()), now)))
-        return Snapshot(now - self._t0, self._tick, rt.device_budget, rt.host_budget, tuple(models),
-                        dict(self.cost_models))
-
-    def _cost_view(self, name, reg, view, engine, requests, now) -> dict:
-        """The snapshot's fields for the cost policy: SLOs, the shape of the work, what a swap would move."""
-        out = {"active_s": now - self._active_since.get(name, self._t0) if view.state.active else 0.0,
-               "preempted_kv": engine.preempted.kv if engine is not None and engine.preempted is not None else None}
-        if reg is None:
-            return out
-        block, block_bytes = reg.kv_block
-        sizes = [len(r.prompt) + len(r.output_ids) for r in requests]
-        out.update(slo_ttft_s=reg.slo_ttft_s, slo_tpot_s=reg.slo_tpot_s, num_layers=reg.num_layers,
-                   layer_bytes=reg.layer_bytes, ring_slots=reg.ring_slots,
-                   context=sum(sizes) // len(sizes) if sizes else 0,
-                   remaining_tokens=max((r.params.max_new_tokens - len(r.output_ids) for r in requests), default=0),
-                   kv_bytes=sum(-(-(len(r.prompt) + len(r.output_ids)) // block) * block_bytes for r in requests
-                                if r.engine_id is not None),
-                   first_token_wait_s=max((now - r.submitted_at for r in requests if r.first_token_at is None),
-                                          default=None),
-                   first_token_waiting=sum(r.first_token_at is None for r in requests))
-        return out
+        """The frozen state a policy decides on (see `state.Snapshot`; built by `snapshots.build`)."""
+        return snapshots.build(self)
 
     def _tick_once(self) -> bool:
         self._apply_aborts()

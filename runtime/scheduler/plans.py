@@ -37,14 +37,20 @@ def over(seconds, slo) -> float:
     return 0.0 if seconds is None or slo is None else max(0.0, seconds / slo - 1.0)
 
 
-def misses(m, ttft, tpot) -> float:
+def misses(m, ttft, tpot, stall: float = 0.0) -> float:
     """The SLO misses a model's requests are predicted (`ttft`, `tpot`: seconds, None: no prediction): per
     SLO, its requests (for TTFT those still without a first token, for TPOT all unfinished ones) times the
     relative overshoot capped at one, so that a request over twice its SLO counts as one miss, as SLO
-    attainment counts it, and one model's hopeless SLO cannot outweigh the others' that can still be met."""
+    attainment counts it, and one model's hopeless SLO cannot outweigh the others' that can still be met.
+    `stall`: seconds the plan's transitions hold the model's requests in flight before its next step (the loop
+    applies them first), spread over their remaining tokens; queued requests pay them in TTFT instead."""
     waiting = max(m.first_token_waiting, 1 if m.first_token_wait_s is not None else 0)
-    return waiting * min(1.0, over(ttft, m.slo_ttft_s)) + \
-        max(1, m.queued + m.in_flight) * min(1.0, over(tpot, m.slo_tpot_s))
+    ttft_misses = waiting * min(1.0, over(ttft, m.slo_ttft_s))
+    if tpot is None:
+        return ttft_misses
+    stalled = tpot + stall / max(1, m.remaining_tokens)
+    return ttft_misses + m.in_flight * min(1.0, over(stalled, m.slo_tpot_s)) + \
+        (m.queued if m.has_work else 1) * min(1.0, over(tpot, m.slo_tpot_s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +135,8 @@ def worth_switching(work, now, alt) -> bool:
     paper move the policy off co-residency, preempting two busy models)."""
     (cur, _), (new, plan) = now, alt
     switch = sum(c or 0.0 for a, c in zip(plan.actions, plan.costs) if not isinstance(a, Step))
-    margin = sum(misses(m, switch, None) / max(1, m.first_token_waiting) for m in work
-                 if m.first_token_wait_s is not None)
+    margin = sum(min(1.0, switch / m.slo_ttft_s) for m in work
+                 if m.first_token_wait_s is not None and m.slo_ttft_s is not None)
     if round(new.violation, 9) < round(cur.violation, 9):
         return new.violation + margin < cur.violation
     return round(new.violation, 9) == round(cur.violation, 9) and \
@@ -175,7 +181,8 @@ def slice_estimate(kind: str, core, rest, x, rnd: dict, switch: dict, quantum: d
         # a cycle, and those waits spread over its tokens (the steady state's cycle x round / Q counts
         # fractions of quanta, and understates a request that needs one more)
         gaps = math.ceil(tokens * rnd[n] / quantum[n]) - (t is x)
-        violation += misses(t, ttft, rnd[n] + max(0, gaps) * (cycle - quantum[n]) / tokens)
+        violation += misses(t, ttft, rnd[n] + max(0, gaps) * (cycle - quantum[n]) / tokens,
+                            setup if t is x else 0.0)
         off = cycle - quantum[n]
         if t.arrival_rate and t.slo_ttft_s is not None and off > 0:
             # requests still to come, HORIZON_S of them at its arrival rate: one arriving while t is off the
@@ -186,7 +193,7 @@ def slice_estimate(kind: str, core, rest, x, rnd: dict, switch: dict, quantum: d
     core_tpot = cycle / sum(quantum[t.name] / rnd[t.name] for t in rest) if core else 0.0
     for m in core:
         ttft = None if m.first_token_wait_s is None else m.first_token_wait_s + setup + rnd[x.name]
-        violation += misses(m, ttft, core_tpot)
+        violation += misses(m, ttft, core_tpot, setup)
     sliced = sum(max(1, t.remaining_tokens) * rnd[t.name] + switch[t.name] * (
         math.ceil(max(1, t.remaining_tokens) * rnd[t.name] / quantum[t.name]) - (t is x)) for t in rest)
     drained = max((max(1, m.remaining_tokens) * core_tpot for m in core), default=0.0)

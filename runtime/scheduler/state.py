@@ -46,7 +46,7 @@ class ModelSnapshot:
     ring_slots: int = 3  # layer slots its streaming ring holds when a layer streams (prefetch_depth + 1)
     num_layers: int = 0  # decoder layers (0: unknown; a SetResidency then changes no bytes in `check_actions`)
     layer_bytes: int = 0  # device bytes of one decoder layer
-    arrival_rate: float = 0.0  # requests a second submitted to it lately (the loop's ARRIVAL_WINDOW_S): work to come
+    arrival_rate: float = 0.0  # requests a second submitted to it lately (snapshots.ARRIVAL_WINDOW_S): work to come
 
     @property
     def name(self) -> str:
