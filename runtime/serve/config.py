@@ -186,10 +186,12 @@ def read_toml(path) -> dict:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    unknown = sorted(set(doc) - _SERVER_KEYS - {"models"})
+    unknown = sorted(set(doc) - _SERVER_KEYS - {"models", "ray"})
     if unknown:
         known = ", ".join(sorted(_SERVER_KEYS))
-        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r} (known: {known}, [models.NAME])")
+        raise ConfigError(f"config file {path}: unknown key {unknown[0]!r} (known: {known}, [models.NAME], [ray])")
+    if not isinstance(doc.get("ray", {}), dict):
+        raise ConfigError(f"config file {path}: ray must be a table, [ray] (tidal serve --ray's settings)")
     models = doc.get("models", {})
     if not isinstance(models, dict) or not all(isinstance(t, dict) for t in models.values()):
         raise ConfigError(f"config file {path}: models must be tables, [models.NAME]")
@@ -227,6 +229,6 @@ def build(config_path=None, model_flags=(), **server_flags) -> ServeConfig:
         if kv_default is not None:
             table.setdefault("kv_cache_bytes", kv_default)
         models.append(ModelConfig(name=name, **table))
-    server = {k: v for k, v in doc.items() if k != "models"}
+    server = {k: v for k, v in doc.items() if k not in ("models", "ray")}  # [ray]: tidal.ray.config's
     server.update({k: v for k, v in server_flags.items() if v is not None})
     return ServeConfig(models=tuple(models), **server)

@@ -40,6 +40,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-warmup", action="store_true",
                    help="do not run a token through each model at start-up")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    ray = p.add_argument_group("Ray Serve (tidal[ray]; docs/SCALING.md)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: several replicas, each its own "
+                     "device and scheduler (the budgets apply per replica), Ray's multiplexing routing each model")
+    ray.add_argument("--replicas", type=int, help="replicas (default: [ray] replicas, else 1)")
+    ray.add_argument("--max-models-per-replica", type=int, metavar="K",
+                     help="models a replica owns at once (default: [ray] max_models_per_replica, else 2)")
+    ray.add_argument("--ray-address", metavar="ADDRESS",
+                     help="the Ray cluster to join (default: the one running here, else a new local one)")
     p.set_defaults(func=serve_command)
 
 
@@ -48,7 +56,21 @@ def serve_command(args) -> int:
                    device_budget=args.device_budget, host_budget=args.host_budget, policy=args.policy,
                    kv_cache_bytes=args.kv_cache, shutdown_grace_s=args.shutdown_grace,
                    warmup=False if args.no_warmup else None, log_level=args.log_level)
-    return serve(config)
+    ray_flags = {"replicas": args.replicas, "max_models_per_replica": args.max_models_per_replica,
+                 "address": args.ray_address}
+    if not args.ray:
+        flags = {"replicas": "--replicas", "max_models_per_replica": "--max-models-per-replica",
+                 "address": "--ray-address"}
+        given = [flags[k] for k, v in ray_flags.items() if v is not None]
+        if given:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{given[0]} needs --ray")
+        return serve(config)
+    from ..ray import app, config as ray_config
+
+    logging.getLogger("tidal").setLevel(config.log_level.upper())
+    return app.run(config, ray_config.build(args.config, **ray_flags))
 
 
 def serve(config) -> int:

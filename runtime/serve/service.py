@@ -215,6 +215,28 @@ class Service:
             finish = gen.finish_reason or ("error" if reason == "error" else FINISH_REASONS[reason])
             self.metrics.observe_finished(req, finish, gen.prompt_tokens, len(req.output_ids))
 
+    def remove_model(self, name: str, wait_s: float | None = None) -> None:
+        """Stop offering `name` (a request for it gets 404 from now on), give its requests in flight up to
+        `wait_s` seconds to finish (default `shutdown_grace_s`), abort the rest (finish_reason "abort"), and
+        deregister it (`Scheduler.remove_model`: its engine closed, its device and host bytes freed). Blocks
+        while it waits: call it off the event loop."""
+        self.models.pop(name, None)
+        sched = self.scheduler
+        deadline = time.monotonic() + (self.shutdown_grace_s if wait_s is None else wait_s)
+        while sched.unfinished(name) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for gen in list(self._live):
+            if gen.model.name == name:
+                gen.abort()
+        deadline = time.monotonic() + 5.0  # the loop applies the aborts at its next tick
+        while sched.unfinished(name):
+            if time.monotonic() > deadline:
+                raise StateError(f"model {name!r}: {sched.unfinished(name)} aborted requests are still pending; "
+                                 "is the scheduler's loop running?")
+            time.sleep(0.005)
+        sched.remove_model(name)
+        log.info("tidal serve: model %s removed", name)
+
     # -- lifetime --------------------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> None:
         """Start the scheduler's loop; with `warmup`, run one token through each model and log where it is."""
