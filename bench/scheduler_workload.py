@@ -13,6 +13,7 @@ import tidal
 import torch
 from tidal.errors import ConfigError
 from tidal.presets import Preset, build
+from tidal.simulate.metrics import Served, summarize
 
 COMMON = {"model_type": "llama", "tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 512,
               "rms_norm_eps": 1e-5}
@@ -245,29 +246,18 @@ def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: in
     return result
 
 
-def _pct(xs, q):
-    return None if not xs else float(np.percentile(xs, q))
-
-
 def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
-    slo = {m.name: m for m in w.models}
-    rows, ttft, tpot, met, tokens = [], [], [], 0, 0
+    slos = {m.name: (m.slo_ttft_s, m.slo_tpot_s) for m in w.models}
+    rows, served = [], []
     end = t0
     for a, r in reqs:
         n = len(r.output_ids)
-        tokens += n
-        f = r.first_token_at - r.submitted_at if r.first_token_at is not None else None
-        p = (r.token_times[-1] - r.first_token_at) / (n - 1) if n > 1 else (0.0 if n else None)
-        ok = r.done and r.error is None and f is not None and f <= slo[a["model"]].slo_ttft_s and \
-            p <= slo[a["model"]].slo_tpot_s
-        met += ok
-        if f is not None:
-            ttft.append(f)
-            tpot.append(p)
+        s = Served(a["model"], r.submitted_at, r.first_token_at, r.token_times[-1] if n else None, n,
+                   r.done and r.error is None)
+        served.append(s)
         end = max(end, r.finished_at or time.monotonic())
-        rows.append({"model": a["model"], "arrival_s": a["t"], "ttft_s": f, "tpot_s": p, "tokens": n,
-                     "done": r.done, "finish_reason": r.finish_reason, "slo_met": bool(ok)})
-    span = max(end - t0, 1e-9)
+        rows.append({"model": a["model"], "arrival_s": a["t"], "ttft_s": s.ttft_s, "tpot_s": s.tpot_s, "tokens": n,
+                     "done": r.done, "finish_reason": r.finish_reason, "slo_met": s.meets(*slos[a["model"]])})
     kinds = [e["action"] for e in trace]
     moved = {"preempt_weight": 0, "preempt_kv": 0, "resume_disk": 0, "resume_weight": 0, "resume_kv": 0,
              "residency": 0, "load": sum(rt.loads.values())}
@@ -283,13 +273,8 @@ def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
     moved["residency"] = sum(s.residency_to_device_bytes + s.residency_to_host_bytes for s in stats.values())
     moved["streamed"] = sum(s.bytes_streamed for s in stats.values())
     moved["total_switching"] = sum(v for k, v in moved.items() if k != "streamed")
-    n = len(reqs)
     return {
-        "requests": n, "finished": sum(r.done and r.error is None for _, r in reqs), "span_s": round(span, 3),
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-        "slo_attainment": met / n if n else None, "goodput_rps": met / span,
-        "throughput_rps": sum(r.done for _, r in reqs) / span, "throughput_tok_s": tokens / span,
+        **summarize(served, slos, t0, end),
         "switches": {k: kinds.count(k) for k in ("Preempt", "Resume", "Load", "Unload")},
         "residency_changes": kinds.count("SetResidency"), "steps": kinds.count("Step"),
         "bytes_moved": moved,

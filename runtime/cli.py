@@ -78,6 +78,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     from .serve import main as serve
+    from .simulate import main as simulate
     from .study import commands
 
     parser = _Parser(prog="tidal", description="tidal: offload and preemption runtime for LLM inference")
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_parser(sub)
     commands.add_parsers(sub)
     serve.add_parser(sub)
+    simulate.add_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command_line = " ".join(["tidal"] + argv)

@@ -28,6 +28,7 @@ def test_bookkeeping_imports_and_works_without_torch():
         from tidal.scheduler import ExclusiveScheduling, LruScheduling, Snapshot, Step, check_actions
         from tidal.scheduler import requests, state, policies, cost
         from tidal.scheduler import CostScheduling
+        from tidal.simulate import engine, simulator  # the simulator's loop and engines (its workloads use numpy)
 
         link = [TransferSample("kv_swap_in", n, 1e-4 + n / 1e10) for n in (1 << 20, 4 << 20, 16 << 20)]
         model = CostModel.fit([], link)

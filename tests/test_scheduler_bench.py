@@ -43,3 +43,14 @@ def test_quick_run_writes_every_metric_and_the_figure(tmp_path):
                 assert r["switches"]["Preempt"] >= 1  # one model on the device at a time
             assert r["bytes_moved"]["total_switching"] > 0 and isinstance(r["residency_changes"], int)
             assert [q["arrival_s"] for q in r["requests_detail"]] == [a["t"] for a in w["arrivals"]]
+    # the simulator replays the same run (`tidal simulate --validate`): every policy, every metric compared
+    from tidal.simulate.validate import METRICS, validate
+
+    v = validate(tmp_path)
+    assert set(v["workloads"]) == {"copay", "nopay"} and v["median_error"] is not None
+    for w in v["workloads"].values():
+        assert set(w["policies"]) == {"exclusive", "lru", "cost"}
+        for row in w["policies"].values():
+            for key in METRICS:
+                assert row[key]["live"] > 0 and row[key]["sim"] > 0 and row[key]["error"] >= 0, (key, row[key])
+        assert sorted(w["ranking"]["live"]) == sorted(w["ranking"]["sim"])

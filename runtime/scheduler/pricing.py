@@ -80,7 +80,7 @@ class Pricing:
                                           action.kv)["total"]
             if isinstance(action, Resume):
                 weights, kv = m.state.weights or "host", m.preempted_kv or "swap"
-                r = self._resume(cm, m, resident, weights, kv)
+                r = self.resume(cm, m, resident, weights, kv)
                 return r["first_token"] if r["first_token"] is not None else r["total"]
             if isinstance(action, Load):
                 return cm.predict_transfer("weights_disk_in", resident * w)
@@ -93,7 +93,8 @@ class Pricing:
             return None
 
     @staticmethod
-    def _resume(cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> dict:
+    def resume(cm, m: ModelSnapshot, resident: int, weights: str, kv: str) -> dict:
+        """`CostModel.predict_resume` of `m` from this tier with `resident` layers resident."""
         w, n = cm.step.layer_bytes, cm.step.num_layers
         return cm.predict_resume((resident if weights == "host" else n) * w, m.kv_bytes if kv == "swap" else 0,
                                  weights, kv, m.context * m.in_flight if kv == "recompute" else 0,
@@ -103,7 +104,7 @@ class Pricing:
         """Predicted seconds to preempt `m` to this tier and resume it (corrected as a preemption and a resume
         to that tier)."""
         out = cm.predict_preempt(resident * cm.step.layer_bytes, m.kv_bytes if kv == "swap" else 0, weights, kv)
-        back = self._resume(cm, m, resident, weights, kv)["total"]
+        back = self.resume(cm, m, resident, weights, kv)["total"]
         return self._scaled(m.name, f"preempt_{weights}", out["total"]) + \
             self._scaled(m.name, f"resume_{weights}", back)
 

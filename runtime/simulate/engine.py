@@ -1,0 +1,199 @@
+"""A simulated engine (`SimEngine`): one model's requests, continuous batching and paged KV blocks as
+`tidal.Engine` keeps them, with every duration predicted by the model's fitted `CostModel` instead of run.
+Torch-free.
+
+What it models, as the engine does it: requests handed to it wait, then join the running batch (at most
+`max_batch_size`) when the KV pool has blocks for their prompt; a step decodes one token for every running
+request, then prefills the newly admitted ones (their first token); each token may need a new block, and when
+the pool runs out the newest running request is preempted inside the engine (its blocks freed, back to the
+front of the waiting queue; it prefills its prompt and the tokens it had again when readmitted). Times: a
+decode step is `CostModel.predict_step(resident layers, batch, mean context)`; a prefill of n tokens is the
+`kv_recompute` fit's (the profile measures it as a prefill) or, without one, a decode step at that context.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass
+class SimRequest:
+    """One request in the simulation, with its timestamps (seconds of simulated time)."""
+
+    id: int
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    arrival_s: float
+    generated: int = 0
+    started_s: float | None = None  # handed to its engine
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    engine_preemptions: int = 0  # times its engine dropped its KV for room
+
+    @property
+    def context(self) -> int:
+        return self.prompt_tokens + self.generated
+
+    @property
+    def done(self) -> bool:
+        return self.finished_s is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SimModelConfig:
+    """A simulated model: its fitted cost model and the shape its footprint follows (`from_profile` reads both
+    from a `tidal profile` document). Bytes: one decoder layer, everything else of the weights (`top_bytes`:
+    embeddings, norms, head), and the KV cache per token; `kv_cache_bytes`: its device KV pool."""
+
+    name: str
+    cost_model: object  # tidal.costmodel.CostModel
+    num_layers: int
+    layer_bytes: int
+    top_bytes: int
+    kv_bytes_per_token: int
+    kv_cache_bytes: int
+    max_batch_size: int = 8
+    block_size: int = 16
+    resident_fraction: float = 1.0
+    ring_slots: int = 3
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+
+    def __post_init__(self):
+        for f in ("num_layers", "layer_bytes", "kv_bytes_per_token", "kv_cache_bytes", "max_batch_size",
+                  "block_size", "ring_slots"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model {self.name!r}: {f}={v!r} must be an int >= 1")
+        if getattr(self.cost_model, "step", None) is None:
+            raise ConfigError(f"model {self.name!r}: its cost model has no decode step")
+        if self.cost_model.step.num_layers != self.num_layers:
+            raise ConfigError(f"model {self.name!r}: {self.num_layers} layers, its cost model was fitted for "
+                              f"{self.cost_model.step.num_layers}")
+        if not 0.0 <= self.resident_fraction <= 1.0:
+            raise ConfigError(f"model {self.name!r}: resident_fraction={self.resident_fraction!r} must be in [0, 1]")
+        if self.blocks < 1:
+            raise ConfigError(f"model {self.name!r}: kv_cache_bytes={self.kv_cache_bytes} holds no block of "
+                              f"{self.block_size} tokens")
+
+    @classmethod
+    def from_profile(cls, name: str, path, **kwargs) -> SimModelConfig:
+        """The model profiled in the profile.json at `path` (its cost model fitted as the scheduler fits it),
+        with `kwargs` for the rest (kv_cache_bytes is required)."""
+        from ..scheduler.plans import load_cost_model
+        from ..study import schema
+
+        doc = schema.load(path)
+        m = doc["model"]
+        return cls(name, load_cost_model(str(path), name), m["num_layers"], m["layer_bytes"], m["top_bytes"],
+                   m["kv_bytes_per_token"], **kwargs)
+
+    @property
+    def blocks(self) -> int:
+        return self.kv_cache_bytes // (self.kv_bytes_per_token * self.block_size)
+
+    def layer_device_bytes(self, resident: int) -> int:
+        """Device bytes of its decoder layers with `resident` resident (plus the ring when any streams)."""
+        return (resident + min(self.ring_slots, self.num_layers - resident)) * self.layer_bytes
+
+    def device_bytes(self, resident: int) -> int:
+        """Device bytes while active at `resident` layers: weights on the device, the ring, the KV pool."""
+        return self.top_bytes + self.layer_device_bytes(resident) + self.kv_cache_bytes
+
+    def host_bytes(self, resident: int) -> int:
+        """Host bytes while active: the streamed layers' weights."""
+        return (self.num_layers - resident) * self.layer_bytes
+
+
+class SimEngine:
+    """One simulated model's engine (see the module docstring). `resident` is its resident layers."""
+
+    def __init__(self, config: SimModelConfig):
+        self.config = config
+        self.resident = round(config.resident_fraction * config.num_layers)
+        self.waiting: collections.deque[SimRequest] = collections.deque()
+        self.running: list[SimRequest] = []
+        self.used_blocks = 0
+
+    def _blocks(self, tokens: int) -> int:
+        return math.ceil(tokens / self.config.block_size)
+
+    def hand(self, req: SimRequest, now: float) -> None:
+        req.started_s = now
+        self.waiting.append(req)
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def kv_bytes(self) -> int:
+        """Device KV bytes its running requests hold (what a swap would move)."""
+        return self.used_blocks * self.config.block_size * self.config.kv_bytes_per_token
+
+    def drop_kv(self) -> None:
+        """A preemption with KV recompute: every running request goes back to wait, its blocks freed."""
+        for req in reversed(self.running):
+            self.waiting.appendleft(req)
+        self.running, self.used_blocks = [], 0
+
+    def prefill_seconds(self, tokens: int) -> float:
+        cm = self.config.cost_model
+        if cm.recompute is not None:
+            return cm.predict_transfer("kv_recompute", tokens=tokens)
+        return cm.predict_step(self.resident, 1, tokens)
+
+    def step(self, now: float) -> tuple[float, list[SimRequest]]:
+        """One step at `now`: (its seconds, the requests it finished). Decode first, then admit and prefill."""
+        cfg, cm, block = self.config, self.config.cost_model, self.config.block_size
+        seconds, finished = 0.0, []
+        if self.running:
+            # a request whose context fills its last block needs a new one for its next token: the newest
+            # leave (their blocks freed) until the rest fit
+            new = sum(1 for r in self.running if r.context % block == 0)
+            while self.used_blocks + new > cfg.blocks and len(self.running) > 1:
+                victim = self.running.pop()
+                new -= victim.context % block == 0
+                self.used_blocks -= self._blocks(victim.context)
+                victim.engine_preemptions += 1
+                self.waiting.appendleft(victim)
+            context = sum(r.context for r in self.running) // len(self.running)
+            seconds += cm.predict_step(self.resident, len(self.running), context)
+            self.used_blocks += new
+            t = now + seconds
+            still = []
+            for r in self.running:
+                r.generated += 1
+                if r.generated >= r.output_tokens:
+                    r.finished_s = t
+                    self.used_blocks -= self._blocks(r.context)
+                    finished.append(r)
+                else:
+                    still.append(r)
+            self.running = still
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
+            r = self.waiting[0]
+            blocks = self._blocks(r.context + 1)
+            if self.used_blocks + blocks > cfg.blocks:
+                break
+            self.waiting.popleft()
+            self.used_blocks += blocks
+            admitted.append(r)
+        if admitted:
+            seconds += self.prefill_seconds(sum(r.context for r in admitted))
+            t = now + seconds
+            for r in admitted:
+                if r.first_token_s is None:
+                    r.first_token_s = t
+                r.generated += 1  # a prefill's token: the first, or the next after a recompute
+                if r.generated >= r.output_tokens:
+                    r.finished_s = t
+                    self.used_blocks -= self._blocks(r.context)
+                    finished.append(r)
+                else:
+                    self.running.append(r)
+        return seconds, finished

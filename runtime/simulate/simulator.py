@@ -1,0 +1,276 @@
+"""The simulator (`Simulator`): the scheduler's loop over simulated engines, on simulated time. Torch-free.
+
+Each tick, as `tidal.Scheduler`'s loop does it: requests that have arrived are queued on their model; a frozen
+`Snapshot` is built (the same type, the same fields, from the simulated engines' books); the *policy object*
+decides (the very `exclusive`, `lru` or `cost` policy the live loop runs, or any object with `decide`); the
+loop's own `check_actions` refuses a plan the state does not allow; each action is applied in order and the
+clock advances by its duration: Step by the simulated engine's step (`engine.SimEngine`), every other
+action by what `scheduler.pricing.Pricing` predicts from the model's `CostModel` (the cost policy's own
+prices, uncorrected). Each model's bytes are the `policy.PoolView` counts of its state and residency, and
+`check_actions` checks every plan against them, so the budgets hold as they do live. The trace and the aging
+counters are the loop's.
+
+Fast-forward: a policy whose plans depend only on the models' states, work and aging counters
+(`exclusive`, `lru`: `REPEATS_STEPS`) repeats a plan of Steps alone until something it reads changes, so
+the simulator repeats such a plan without asking it again, until the next arrival, a finished request, or
+the first tick at which a model would age. Other policies (`cost`, which reads time) are asked every tick.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import types
+
+from ..errors import ConfigError
+from ..policy import Load, ModelState, ModelView, PoolView, Preempt, Resume
+from ..scheduler.policies import ExclusiveScheduling, LruScheduling, resolve
+from ..scheduler.pricing import Pricing
+from ..scheduler.state import ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
+from .engine import SimEngine, SimRequest
+
+REPEATS_STEPS = (ExclusiveScheduling, LruScheduling)
+ARRIVAL_WINDOW_S = 10.0  # as the loop's (scheduler.snapshots)
+
+
+@dataclasses.dataclass
+class SimResult:
+    """What one simulation did: every request with its timestamps, the trace (loads, preemptions, resumes,
+    residency changes; steps only counted), the simulated seconds, and the policy's decisions."""
+
+    policy: str
+    requests: list[SimRequest]
+    trace: list[dict]
+    steps: dict[str, int]
+    end_s: float
+    decisions: int  # times the policy was asked
+    ticks: int
+    busy_s: float  # simulated seconds spent stepping a model
+
+
+class Simulator:
+    """Run `policy` ("exclusive", "lru", "cost" or a policy object) over simulated `models` (SimModelConfig)
+    under the budgets (bytes; None: no limit). `max_wait_s`/`max_skipped_ticks`: a named policy's aging."""
+
+    def __init__(self, models, policy="lru", device_budget: int | None = None, host_budget: int | None = None,
+                 **aging):
+        names = [m.name for m in models]
+        if len(set(names)) != len(names) or not names:
+            raise ConfigError(f"models must have distinct names, at least one: {names}")
+        self.configs = {m.name: m for m in models}
+        self.policy = resolve(policy, **aging)
+        self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
+        self.device_budget, self.host_budget = device_budget, host_budget
+        for m in models:
+            for tier, need, budget in (("device", m.device_bytes(round(m.resident_fraction * m.num_layers)),
+                                        device_budget), ("host", 0, host_budget)):
+                if budget is not None and need > budget:
+                    raise ConfigError(f"model {m.name!r} needs {need} {tier} bytes while active; the {tier} budget "
+                                      f"is {budget}, so it can never be loaded")
+        self.cost_models = types.MappingProxyType({m.name: m.cost_model for m in models})
+        self.pricing = Pricing(online=False)
+
+    # -- one run -------------------------------------------------------------------------------------------------
+    def run(self, trace) -> SimResult:
+        """Simulate `trace` (workload.TraceRequest, any order) until every request has finished."""
+        reqs = sorted((SimRequest(i, t.model, t.prompt_tokens, t.output_tokens, t.time_s) for i, t in
+                       enumerate(trace)), key=lambda r: (r.arrival_s, r.id))
+        unknown = sorted({r.model for r in reqs} - set(self.configs))
+        if unknown:
+            raise ConfigError(f"the trace names model {unknown[0]!r}; simulated: {sorted(self.configs)}")
+        for r in reqs:
+            cfg = self.configs[r.model]
+            if math_blocks(r.prompt_tokens + 1, cfg.block_size) > cfg.blocks:
+                raise ConfigError(f"a request of {r.prompt_tokens} prompt tokens can never fit model {r.model!r}'s "
+                                  f"KV cache ({cfg.blocks * cfg.block_size} tokens)")
+        run = _Run(self, reqs)
+        return run.go()
+
+
+def math_blocks(tokens: int, block: int) -> int:
+    return -(-tokens // block)
+
+
+class _Run:
+    """The state of one simulation (the loop's books, the engines, the pool view)."""
+
+    def __init__(self, sim: Simulator, reqs: list[SimRequest]):
+        self.sim, self.reqs = sim, reqs
+        self.engines = {n: SimEngine(c) for n, c in sim.configs.items()}
+        self.state = {n: ModelState.UNLOADED for n in sim.configs}
+        self.queues: dict[str, list[SimRequest]] = {n: [] for n in sim.configs}
+        self.arrivals = {n: collections.deque() for n in sim.configs}  # the last ARRIVAL_WINDOW_S's
+        self.preempted_kv: dict[str, str | None] = {n: None for n in sim.configs}
+        self.last_used = {n: -1 for n in sim.configs}
+        self.last_step_at: dict[str, float] = {}
+        self.active_since: dict[str, float] = {}
+        self.skipped = {n: 0 for n in sim.configs}
+        self.trace: list[dict] = []
+        self.steps = {n: 0 for n in sim.configs}
+        self.now, self.tick, self.next, self.decisions, self.busy = 0.0, 0, 0, 0, 0.0
+
+    def view(self, name: str) -> ModelView:
+        """The model's bytes as `policy.PoolView` counts them (its module docstring): active, the device at its
+        residency and the host its streamed layers; preempted to the host, a host copy of what was on the
+        device more; to disk, nothing."""
+        cfg, r, state = self.sim.configs[name], self.engines[name].resident, self.state[name]
+        device, host = cfg.device_bytes(r), cfg.host_bytes(r)
+        copy = cfg.top_bytes + r * cfg.layer_bytes
+        now = {ModelState.ACTIVE: (device, host), ModelState.PREEMPTED_HOST: (0, host + copy),
+               ModelState.PREEMPTED_DISK: (0, 0), ModelState.UNLOADED: (0, 0)}[state]
+        return ModelView(name, state, now[0], now[1], device, host, host_copy_bytes=copy, host_release_bytes=host,
+                         last_used=self.last_used[name])
+
+    # -- the snapshot --------------------------------------------------------------------------------------------
+    def pool(self) -> PoolView:
+        return PoolView(self.sim.device_budget, self.sim.host_budget, tuple(self.view(n) for n in self.sim.configs))
+
+    def snapshot(self) -> Snapshot:
+        now, models = self.now, []
+        window = min(ARRIVAL_WINDOW_S, max(1.0, now))
+        for name, cfg in self.sim.configs.items():
+            e, q = self.engines[name], self.queues[name]
+            flight = list(e.waiting) + e.running
+            requests = q + flight
+            starts = [r.arrival_s for r in requests]
+            oldest = min(starts) if starts else None
+            view = self.view(name)
+            active = view.state.active
+            no_token = [r for r in requests if r.first_token_s is None]
+            models.append(ModelSnapshot(
+                view, e.resident / cfg.num_layers, len(q), len(flight),
+                oldest_age_s=None if oldest is None else now - oldest,
+                waited_s=0.0 if oldest is None else now - max(oldest, self.last_step_at.get(name, oldest)),
+                skipped_ticks=self.skipped[name] if oldest is not None else 0,
+                slo_ttft_s=cfg.slo_ttft_s, slo_tpot_s=cfg.slo_tpot_s,
+                context=sum(r.context for r in requests) // len(requests) if requests else 0,
+                remaining_tokens=max((r.output_tokens - r.generated for r in requests), default=0),
+                kv_bytes=e.kv_bytes(),
+                first_token_wait_s=max((now - r.arrival_s for r in no_token), default=None),
+                first_token_waiting=len(no_token),
+                active_s=now - self.active_since.get(name, 0.0) if active else 0.0,
+                preempted_kv=self.preempted_kv[name], ring_slots=cfg.ring_slots, num_layers=cfg.num_layers,
+                layer_bytes=cfg.layer_bytes,
+                arrival_rate=sum(t >= now - window for t in self.arrivals[name]) / window))
+        return Snapshot(now, self.tick, self.sim.device_budget, self.sim.host_budget, tuple(models),
+                        self.sim.cost_models)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def arrive(self) -> None:
+        while self.next < len(self.reqs) and self.reqs[self.next].arrival_s <= self.now:
+            r = self.reqs[self.next]
+            self.queues[r.model].append(r)
+            recent = self.arrivals[r.model]
+            recent.append(r.arrival_s)
+            while recent[0] < r.arrival_s - ARRIVAL_WINDOW_S:
+                recent.popleft()
+            self.next += 1
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self.queues.values()) + sum(e.unfinished for e in self.engines.values())
+
+    def go(self) -> SimResult:
+        policy = self.sim.policy
+        while self.next < len(self.reqs) or self.pending():
+            self.arrive()
+            if not self.pending():
+                self.now = self.reqs[self.next].arrival_s  # idle until the next arrival
+                continue
+            snap = self.snapshot()
+            actions = check_actions(snap, policy.decide(snap))
+            self.decisions += 1
+            finished = self.apply_all(snap, actions)
+            if not any(isinstance(a, Step) for a in actions):
+                continue
+            if isinstance(policy, REPEATS_STEPS) and all(isinstance(a, Step) for a in actions) and not finished:
+                self.fast_forward(snap, actions)
+        return SimResult(self.sim.policy_name, self.reqs, self.trace, self.steps, self.now, self.decisions,
+                         self.tick, self.busy)
+
+    def apply_all(self, snap: Snapshot, actions) -> int:
+        """Apply the plan in order, the clock advancing by each action; returns the requests it finished."""
+        stepped, finished = set(), 0
+        for action in actions:
+            t = self.now
+            seconds, moved, done = self.apply(snap, action)
+            self.now += seconds
+            finished += done
+            if isinstance(action, Step):
+                self.steps[action.model] += 1
+                self.busy += seconds
+                stepped.add(action.model)
+            else:
+                self.trace.append({"time": t, "tick": self.tick, "action": type(action).__name__,
+                                   "model": action.model, "seconds": seconds, "bytes": moved,
+                                   "args": {k: v for k, v in dataclasses.asdict(action).items() if k != "model"}})
+            if isinstance(action, (Step, Load, Resume)):
+                self.last_used[action.model] = self.tick
+            if isinstance(action, (Load, Resume)):
+                self.active_since[action.model] = t
+        self.count_ticks(snap, stepped)
+        return finished
+
+    def count_ticks(self, snap: Snapshot, stepped: set) -> None:
+        work = [m.name for m in snap.with_work]
+        self.skipped = {n: (0 if n in stepped or n not in work else self.skipped[n] + 1) for n in self.skipped}
+        for n in stepped:
+            self.last_step_at[n] = self.now
+        self.tick += 1
+
+    def fast_forward(self, snap: Snapshot, actions) -> None:
+        """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): no
+        arrival, no finished request, no model with work about to age."""
+        aging = self.sim.policy.aging
+        names = [a.model for a in actions]
+        waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names]
+        while True:
+            if self.next < len(self.reqs) and self.reqs[self.next].arrival_s <= self.now:
+                return
+            for name, oldest in waiting:
+                waited = self.now - max(oldest, self.last_step_at.get(name, oldest))
+                if self.skipped[name] + 1 >= aging.max_skipped_ticks or waited >= aging.max_wait_s:
+                    return
+            finished = 0
+            for n in names:
+                seconds, done = self.engines[n].step(self.now)
+                self.now += seconds
+                self.busy += seconds
+                self.steps[n] += 1
+                self.last_used[n] = self.tick
+                finished += len(done)
+            self.count_ticks(snap, set(names))
+            if finished:
+                return
+
+    def apply(self, snap: Snapshot, action) -> tuple[float, int, int]:
+        """Apply `action`: (its simulated seconds, the bytes it moved, the requests it finished). The plan
+        passed `check_actions` on the snapshot, whose views `view` makes: the byte books need no check here."""
+        name = action.model
+        cfg, e, m = self.sim.configs[name], self.engines[name], snap.model(name)
+        if isinstance(action, Step):
+            for r in self.queues[name]:
+                e.hand(r, self.now)
+            self.queues[name] = []
+            seconds, done = e.step(self.now)
+            return seconds, 0, len(done)
+        m = dataclasses.replace(m, view=self.view(name), kv_bytes=e.kv_bytes())
+        if isinstance(action, Resume):  # the loop's Resume runs the first step; here the Step does
+            w, kv = self.state[name].weights or "host", self.preempted_kv[name] or "swap"
+            seconds = self.sim.pricing.resume(cfg.cost_model, m, e.resident, w, kv)["total"]
+        else:
+            seconds = self.sim.pricing.cost(snap, m, e.resident, action) or 0.0
+        weights = cfg.top_bytes + e.resident * cfg.layer_bytes
+        moved = 0
+        if isinstance(action, SetResidency):
+            new = m.resident_layers(action.fraction)
+            moved, e.resident = abs(new - e.resident) * cfg.layer_bytes, new
+        elif isinstance(action, Unload):
+            self.state[name] = ModelState.UNLOADED
+        elif isinstance(action, Preempt):
+            moved = (weights if action.weights == "host" else 0) + (e.kv_bytes() if action.kv == "swap" else 0)
+            self.state[name], self.preempted_kv[name] = ModelState.preempted_to(action.weights), action.kv
+            if action.kv == "recompute":
+                e.drop_kv()
+        else:  # Load, Resume
+            moved = weights + (e.kv_bytes() if self.preempted_kv[name] == "swap" else 0)
+            self.state[name], self.preempted_kv[name] = ModelState.ACTIVE, None
+        return seconds, moved, 0

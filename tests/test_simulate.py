@@ -1,0 +1,204 @@
+"""`tidal simulate` (runtime/simulate/): the simulated engine's batching and KV blocks, the simulator running
+the scheduler's own policy objects (the same instances the live loop runs) with budgets held at every tick,
+deterministic runs, and the command end to end on a real `tidal profile` of a small preset."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tidal
+from tidal.costmodel import CostModel, LinkFit, RecomputeFit, StepFit
+from tidal.errors import ConfigError
+from tidal.scheduler import LruScheduling, Snapshot, resolve
+from tidal.simulate.engine import SimEngine, SimModelConfig, SimRequest
+from tidal.simulate.metrics import Served, summarize
+from tidal.simulate.simulator import Simulator
+from tidal.simulate.workload import TraceRequest, WorkloadSpec, generate
+
+L, W, TOP, KVT = 8, 1000, 500, 10  # layers, bytes per layer, other weights, KV bytes per token
+
+
+def cost_model(step=0.01, per_layer=0.002, reload=0.05):
+    links = (LinkFit("weights_host_out", 0.0, L * W / reload, 1), LinkFit("weights_host_in", 0.0, L * W / reload, 1),
+             LinkFit("weights_disk_in", 0.0, L * W / (2 * reload), 1), LinkFit("kv_swap_out", 0.0, 1e6, 1),
+             LinkFit("kv_swap_in", 0.0, 1e6, 1))
+    return CostModel(StepFit(L, W, step, 0.0, 0.0, W / per_layer, 0.0, 1), links, RecomputeFit(0.001, 1e-4, 0.0, 1))
+
+
+def config(name, kv_tokens=256, **kw):
+    return SimModelConfig(name, cost_model(), L, W, TOP, KVT, kv_cache_bytes=kv_tokens * KVT, block_size=4, **kw)
+
+
+# -- the simulated engine ------------------------------------------------------------------------------------------
+def test_engine_batches_prefills_and_decodes_every_request_to_its_length():
+    e = SimEngine(config("a", max_batch_size=2))
+    reqs = [SimRequest(i, "a", p, n, 0.0) for i, (p, n) in enumerate([(5, 3), (1, 1), (9, 6)])]
+    for r in reqs:
+        e.hand(r, 0.0)
+    now, steps, peak = 0.0, 0, 0
+    while e.unfinished:
+        seconds, _ = e.step(now)
+        now += seconds
+        steps += 1
+        peak = max(peak, len(e.running))
+        assert e.used_blocks == sum(-(-r.context // 4) for r in e.running) <= e.config.blocks
+    assert peak <= 2
+    for r in reqs:
+        assert r.generated == r.output_tokens and r.first_token_s <= r.finished_s
+    # the third waited for a slot: the batch held two
+    assert reqs[2].first_token_s > reqs[0].first_token_s
+
+
+def test_engine_preempts_the_newest_request_when_its_kv_runs_out_and_it_still_finishes():
+    e = SimEngine(config("a", kv_tokens=24))  # 6 blocks of 4 tokens
+    reqs = [SimRequest(i, "a", 6, 12, 0.0) for i in range(2)]  # each grows to 18 tokens: 5 blocks
+    for r in reqs:
+        e.hand(r, 0.0)
+    now = 0.0
+    while e.unfinished:
+        seconds, _ = e.step(now)
+        now += seconds
+        assert e.used_blocks == sum(-(-r.context // 4) for r in e.running) <= 6
+    assert all(r.done and r.generated == 12 for r in reqs)
+    assert sum(r.engine_preemptions for r in reqs) >= 1
+
+
+# -- the simulator -------------------------------------------------------------------------------------------------
+class Checked:
+    """Wraps a policy: asserts the budgets in every snapshot it is given, and counts the snapshots."""
+
+    def __init__(self, inner):
+        self.inner, self.seen, self.aging = inner, 0, getattr(inner, "aging", None)
+
+    def decide(self, snap):
+        assert isinstance(snap, Snapshot)
+        pool = snap.pool()
+        assert snap.device_budget is None or pool.device_used <= snap.device_budget
+        assert snap.host_budget is None or pool.host_used <= snap.host_budget
+        self.seen += 1
+        return self.inner.decide(snap)
+
+
+def _trace(seed=0, duration=20.0):
+    spec = WorkloadSpec(rate=4.0, cv=1.5, zipf=1.0, duration=duration, seed=seed, prompt_mean=12, prompt_sigma=0.5,
+                        output_mean=16, output_sigma=0.5, prompt_max=40, output_max=40)
+    return generate(spec, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("policy", ["exclusive", "lru", "cost"])
+def test_every_request_finishes_within_the_budgets(policy):
+    models = [config(n, slo_ttft_s=1.0, slo_tpot_s=0.05) for n in "abc"]
+    one = models[0].device_bytes(L)
+    checked = Checked(resolve(policy))
+    sim = Simulator(models, checked, device_budget=int(1.5 * one))  # one model and a half
+    trace = _trace()
+    result = sim.run(trace)
+    assert checked.seen == result.decisions > 0
+    assert len(result.requests) == len(trace) and all(r.done for r in result.requests)
+    for r in result.requests:
+        assert r.arrival_s <= r.first_token_s <= r.finished_s <= result.end_s
+        assert r.generated == r.output_tokens
+    kinds = {e["action"] for e in result.trace}
+    assert "Load" in kinds and "Preempt" in kinds and "Resume" in kinds
+    again = Simulator(models, resolve(policy), device_budget=int(1.5 * one)).run(trace)  # deterministic
+    assert [(r.first_token_s, r.finished_s) for r in again.requests] == \
+        [(r.first_token_s, r.finished_s) for r in result.requests]
+
+
+def test_fast_forward_changes_nothing():
+    """lru's plans of steps alone are repeated without asking it again: the same run as asking every tick."""
+    models = [config(n) for n in "abc"]
+    budget = int(1.5 * models[0].device_bytes(L))
+    trace = _trace(seed=3)
+
+    class Asked(LruScheduling):  # not one of REPEATS_STEPS' classes by identity of type: asked every tick
+        pass
+
+    fast = Simulator(models, "lru", device_budget=budget).run(trace)
+    slow = Simulator(models, Checked(Asked()), device_budget=budget).run(trace)
+    assert fast.decisions < slow.decisions == slow.ticks
+    assert [(r.first_token_s, r.finished_s) for r in fast.requests] == \
+        [(r.first_token_s, r.finished_s) for r in slow.requests]
+
+
+def test_refusals_name_the_problem():
+    m = config("a")
+    with pytest.raises(ConfigError, match="never be loaded"):
+        Simulator([m], "lru", device_budget=10)
+    with pytest.raises(ConfigError, match="names model 'zz'"):
+        Simulator([m], "lru").run([TraceRequest(0.0, "zz", 4, 4)])
+    with pytest.raises(ConfigError, match="can never fit model 'a'"):
+        Simulator([m], "lru").run([TraceRequest(0.0, "a", 5000, 4)])
+
+
+def test_the_same_policy_object_runs_live_and_simulated(tmp_path):
+    """One LruScheduling instance decides for the live Scheduler on real engines and for the simulator, on
+    snapshots of the same type carrying the same fields."""
+    from scheduler_util import build_models, tiny
+
+    policy = LruScheduling()
+    seen = {"live": [], "sim": []}
+
+    class Recorder:
+        def __init__(self, where):
+            self.where, self.aging = where, policy.aging
+
+        def decide(self, snap):
+            seen[self.where].append(snap)
+            return policy.decide(snap)
+
+    paths = build_models(tiny("sim-tiny", layers=2), ("a", "b"), tmp_path)
+    kw = dict(dtype=torch.float32, kv_cache_bytes=1 << 15, kernels="reference")
+    rt = tidal.Runtime(device="cpu")
+    with rt, tidal.Scheduler(rt, policy=Recorder("live")) as sched:
+        for n in "ab":
+            sched.add_model(n, paths[n], **kw)
+        reqs = [sched.submit(n, [1, 2, 3], max_new_tokens=4) for n in "ab"]
+        sched.run_until_idle()
+        assert all(r.done for r in reqs)
+    sim = Simulator([config(n) for n in "ab"], Recorder("sim"))
+    sim.run([TraceRequest(0.0, n, 3, 4) for n in "ab"])
+    live, simulated = seen["live"][0].models[0], seen["sim"][0].models[0]
+    assert type(seen["live"][0]) is type(seen["sim"][0]) is Snapshot
+    fields = live.__dataclass_fields__
+    assert {f for f in fields if getattr(live, f) is None} == {f for f in fields if getattr(simulated, f) is None}
+    for f in ("slo_ttft_s", "num_layers", "layer_bytes", "ring_slots", "context", "remaining_tokens"):
+        assert (getattr(live, f) == 0) == (getattr(simulated, f) == 0), f
+
+
+def test_metrics_against_a_hand_count():
+    served = [Served("a", 0.0, 0.5, 1.5, 11, True), Served("a", 1.0, 1.1, 1.2, 1, True),
+              Served("b", 2.0, None, None, 0, False)]
+    m = summarize(served, {"a": (0.4, 0.2), "b": (1.0, 1.0)}, 0.0, 4.0)
+    assert (m["requests"], m["finished"], m["span_s"]) == (3, 2, 4.0)
+    assert m["slo_attainment"] == pytest.approx(1 / 3)  # the first misses its TTFT, the third never ran
+    assert m["goodput_rps"] == pytest.approx(0.25) and m["throughput_tok_s"] == pytest.approx(3.0)
+    assert m["ttft_p50_s"] == pytest.approx(0.3) and m["tpot_p50_s"] == pytest.approx(0.05)
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+def test_the_command_on_a_real_profile(tmp_path):
+    prof = tmp_path / "micro"
+    subprocess.run([sys.executable, "-m", "tidal", "profile", "micro", "--quick", "--out", str(prof)], check=True,
+                   capture_output=True)
+    path = prof / "profile.json"
+    one = SimModelConfig.from_profile("x", path, kv_cache_bytes=1 << 20).device_bytes(
+        json.loads(path.read_text())["model"]["num_layers"])
+    out = tmp_path / "sim"
+    r = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--workload",
+                        "rate=4,cv=1,zipf=1.1,duration=20,seed=0,prompt_mean=16,output_mean=16,prompt_max=64,"
+                        "output_max=64", "--profile", f"a={path}", "--profile", f"b={path}", "--device-budget",
+                        str(int(1.5 * one)), "--kv-cache", "1MiB", "--slo", "ttft=1,tpot=0.2", "--rates", "2,4",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((out / "simulate.json").read_text())
+    assert set(doc["policies"]) == {"exclusive", "lru", "cost"}
+    for row in doc["policies"].values():
+        assert row["requests"] == doc["workload"]["count"] == row["finished"]
+        assert {"ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "slo_attainment", "goodput_rps", "switches"} <= set(row)
+    assert len(doc["rates"]["slo_attainment"]["lru"]) == 2 and (out / "rates.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--workload", "rate=4", "--profile",
+                          f"a={path}", "--device-budget", "1GiB", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "duration" in bad.stderr
