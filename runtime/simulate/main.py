@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -72,8 +70,9 @@ def parse_slos(values, names) -> dict:
 
 
 def simulate_command(args) -> int:
-    from .engine import SimModelConfig
     from . import workload as wl
+    from .engine import SimModelConfig
+    from .report import simulate, table
 
     out = Path(args.out)
     if args.validate:
@@ -128,55 +127,6 @@ def simulate_command(args) -> int:
         _rates_figure(doc, out / "rates.png")
     print(f"wrote {out / 'simulate.json'}")
     return 0
-
-
-def simulate(models, trace, policies, device_budget, host_budget=None) -> dict:
-    """Each policy over `trace` (workload.TraceRequest) on simulated `models` (engine.SimModelConfig): the
-    document `tidal simulate` writes, its `policies` keyed like the live benchmark's metrics."""
-    from . import workload as wl
-    from .metrics import Served, summarize
-    from .simulator import Simulator
-
-    slos = {m.name: (m.slo_ttft_s, m.slo_tpot_s) for m in models}
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} CPUs",
-           "workload": wl.summary(trace), "device_budget": device_budget, "host_budget": host_budget,
-           "models": [{"name": m.name, "num_layers": m.num_layers, "layer_bytes": m.layer_bytes,
-                       "top_bytes": m.top_bytes, "kv_cache_bytes": m.kv_cache_bytes, "slo_ttft_s": m.slo_ttft_s,
-                       "slo_tpot_s": m.slo_tpot_s} for m in models], "policies": {}}
-    for policy in policies:
-        t = time.perf_counter()
-        result = Simulator(models, policy, device_budget, host_budget).run(trace)
-        wall = time.perf_counter() - t
-        served = [Served(r.model, r.arrival_s, r.first_token_s, r.finished_s, r.output_tokens, r.done)
-                  for r in result.requests]
-        start = min((r.arrival_s for r in result.requests), default=0.0)
-        row = summarize(served, slos, start, result.end_s)
-        kinds = [e["action"] for e in result.trace]
-        moved: dict[str, int] = {}
-        for e in result.trace:
-            key = {"Preempt": f"preempt_{e['args'].get('weights')}", "Resume": "resume", "Load": "load",
-                   "SetResidency": "residency"}.get(e["action"], e["action"].lower())
-            moved[key] = moved.get(key, 0) + e["bytes"]
-        row.update({"switches": {k: kinds.count(k) for k in ("Preempt", "Resume", "Load", "Unload")},
-                    "residency_changes": kinds.count("SetResidency"), "steps": sum(result.steps.values()),
-                    "bytes_moved": moved, "device_utilisation": result.busy_s / max(result.end_s - start, 1e-9),
-                    "engine_preemptions": sum(r.engine_preemptions for r in result.requests),
-                    "decisions": result.decisions, "ticks": result.ticks, "wall_s": round(wall, 3),
-                    "timeline": [{k: e[k] for k in ("time", "action", "model", "args")} for e in result.trace]})
-        doc["policies"][policy] = row
-    return doc
-
-
-def table(doc: dict) -> str:
-    lines = ["| policy | SLO attainment | goodput req/s | TTFT p50 / p99 s | TPOT p50 / p99 ms | preempt / resume / "
-             "load | residency changes | wall s |", "|---|---|---|---|---|---|---|---|"]
-    for p, r in doc["policies"].items():
-        f = lambda x, k=1.0: "-" if x is None else f"{x * k:.3g}"  # noqa: E731
-        s = r["switches"]
-        lines.append(f"| {p} | {f(r['slo_attainment'])} | {f(r['goodput_rps'])} | {f(r['ttft_p50_s'])} / "
-                     f"{f(r['ttft_p99_s'])} | {f(r['tpot_p50_s'], 1e3)} / {f(r['tpot_p99_s'], 1e3)} | "
-                     f"{s['Preempt']} / {s['Resume']} / {s['Load']} | {r['residency_changes']} | {r['wall_s']} |")
-    return "\n".join(lines)
 
 
 def _rates_figure(doc: dict, path: Path) -> None:

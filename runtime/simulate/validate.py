@@ -26,7 +26,7 @@ def validate(run_dir) -> dict:
     error (and preemptions: the switches), the median relative error, and whether the policies rank the same
     by SLO attainment."""
     from .engine import SimModelConfig
-    from .main import simulate
+    from .report import simulate
     from .workload import TraceRequest
 
     path = Path(run_dir) / "scheduler.json"
