@@ -202,3 +202,19 @@ def test_the_command_on_a_real_profile(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--workload", "rate=4", "--profile",
                           f"a={path}", "--device-budget", "1GiB", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "duration" in bad.stderr
+
+
+def test_gpu_shapes_match_the_published_parameter_counts():
+    from tidal.presets import PRESETS
+    from tidal.simulate.shapes import cost_model, gpu_model, shape
+
+    for name in ("qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-3b", "llama-3-8b", "qwen2.5-14b"):
+        s = shape(name)
+        assert s.params == PRESETS[name].param_count(), name  # the preset's own count, from its tensor shapes
+        assert s.top_bytes + s.num_layers * s.layer_bytes == 2 * s.params
+        cm, fast = cost_model(s, "pcie4"), cost_model(s, "c2c")
+        steps = [cm.predict_step(r, 1, 512) for r in range(s.num_layers, -1, -1)]
+        assert steps == sorted(steps) and steps[-1] > 10 * steps[0]  # streaming over PCIe: decode collapses
+        assert fast.predict_step(s.num_layers // 2, 1, 512) < cm.predict_step(s.num_layers // 2, 1, 512)
+    m = gpu_model("x", "llama-3-8b", 2 << 30)
+    assert m.device_bytes(m.num_layers) == 2 * PRESETS["llama-3-8b"].param_count() + (2 << 30)

@@ -6,9 +6,10 @@ import os
 import time
 
 
-def simulate(models, trace, policies, device_budget, host_budget=None) -> dict:
+def simulate(models, trace, policies, device_budget, host_budget=None, **aging) -> dict:
     """Each policy over `trace` (workload.TraceRequest) on simulated `models` (engine.SimModelConfig): the
-    document `tidal simulate` writes, its `policies` keyed like the live benchmark's metrics."""
+    document `tidal simulate` writes, its `policies` keyed like the live benchmark's metrics. `aging`:
+    max_wait_s, max_skipped_ticks of the named policies."""
     from . import workload as wl
     from .metrics import Served, summarize
     from .simulator import Simulator
@@ -21,7 +22,7 @@ def simulate(models, trace, policies, device_budget, host_budget=None) -> dict:
                        "slo_tpot_s": m.slo_tpot_s} for m in models], "policies": {}}
     for policy in policies:
         t = time.perf_counter()
-        result = Simulator(models, policy, device_budget, host_budget).run(trace)
+        result = Simulator(models, policy, device_budget, host_budget, **aging).run(trace)
         wall = time.perf_counter() - t
         served = [Served(r.model, r.arrival_s, r.first_token_s, r.finished_s, r.output_tokens, r.done)
                   for r in result.requests]
