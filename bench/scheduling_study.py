@@ -10,9 +10,9 @@ Per group, rate and cv, the same workload under
                 would give it in the budget (`scheduler.plans.greedy`), the rest of its layers streamed (`lru`,
                 which then never preempts);
 and SLO attainment of each, under interactive SLOs (TTFT 2 s, TPOT 100 ms) and relaxed ones (10 s, 500 ms);
-aging in seconds (a model waiting 10 s takes the device), not the live loop's 32 ticks. Budget: 75% of the group's footprint
-with every layer resident (weights and a 2 GiB KV pool each), so that the models cannot all be resident, and at
-least 105% of its largest model's, so that time-slicing can run it.
+aging in seconds (a model waiting 10 s takes the device), not the live loop's 32 ticks. Budget: 75% of the
+group's footprint with every layer resident (weights and a 2 GiB KV pool each), so that the models cannot all be
+resident, and at least 105% of its largest model's, so that time-slicing can run it.
 
     .venv/bin/python bench/scheduling_study.py --out out/study [--duration 300]
 """
@@ -91,12 +91,15 @@ def main(argv=None) -> None:
             print(f"{gname:11s} {link:5s} {sname:11s} cv {cv:g} rate {rate:5g}: time-slicing "
                   f"{ts['slo_attainment']:.3f} co-residency ({'/'.join(f'{x:.2f}' for x in frac)} resident) "
                   f"{cr['slo_attainment']:.3f}", flush=True)
-    doc = {"command": "bench/scheduling_study.py " + " ".join(argv or []), "date": time.strftime(
-        "%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.perf_counter() - t0, 1),
-        "assumptions": {k: getattr(__import__("tidal.simulate.shapes", fromlist=["x"]), k) for k in (
-            "HBM_BYTES_S", "HBM_EFFICIENCY", "LAUNCH_S", "PER_SEQUENCE_S", "PEAK_FLOPS", "MFU", "H2D_BYTES_S",
-            "D2H_BYTES_S", "DISK_BYTES_S", "STREAM_OVERHEAD_S")} | {"kv_cache_bytes": KV, "budget_of_sum":
-                                                                     BUDGET_OF_SUM, "largest": LARGEST, "slos": SLOS, "aging": AGING}, "rows": rows}
+    from tidal.simulate import shapes
+
+    assumptions = {k: getattr(shapes, k) for k in ("HBM_BYTES_S", "HBM_EFFICIENCY", "LAUNCH_S", "PER_SEQUENCE_S",
+                                                    "PEAK_FLOPS", "MFU", "DISK_BYTES_S", "STREAM_OVERHEAD_S")}
+    assumptions.update(links=shapes.LINKS, kv_cache_bytes=KV, budget_of_sum=BUDGET_OF_SUM, largest=LARGEST,
+                       slos=SLOS, aging=AGING)
+    doc = {"command": "bench/scheduling_study.py " + " ".join(argv or []),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.perf_counter() - t0, 1),
+           "assumptions": assumptions, "rows": rows}
     (out / "study.json").write_text(json.dumps(doc, indent=1))
     figure(doc, out / "study.png")
 
