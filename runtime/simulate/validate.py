@@ -75,8 +75,9 @@ def table(doc: dict) -> str:
         for p, r in w["policies"].items():
             cells = [f"{r[k]['live']:.3g} / {r[k]['sim']:.3g} ({r[k]['error']:.0%})" for k in METRICS]
             pre, att = r["preemptions"], r["slo_attainment"]
+            switches = f"{pre['live']} / {pre['sim']} ({pre['error']:.0%})"
             lines.append(f"| {name} | {p} | " + " | ".join(cells) +
-                         f" | {pre['live']} / {pre['sim']} ({pre['error']:.0%}) | {att['live']:.3f} / {att['sim']:.3f} |")
+                         f" | {switches} | {att['live']:.3f} / {att['sim']:.3f} |")
     lines.append(f"\nmedian relative error {doc['median_error']:.1%} (target {doc['target']:.0%}); policies ranked "
                  f"the same by SLO attainment: {doc['ranking_same']}")
     return "\n".join(lines)
