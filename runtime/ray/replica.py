@@ -48,6 +48,7 @@ class Replica:
     `ray_config`: the `config.RayConfig`, `board`: a handle to the `board.Board` deployment."""
 
     def __init__(self, config, ray_config, board):
+        import ray
         from ray import serve
 
         from ..serve.app import create_app
@@ -56,8 +57,6 @@ class Replica:
         logging.getLogger("tidal").setLevel(config.log_level.upper())
         self.configs = {m.name: m for m in config.models}
         self.board = board
-        import ray
-
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         runtime = ray.get_runtime_context()
         self.actor = {"name": runtime.get_actor_name(), "namespace": runtime.namespace, "pid": os.getpid()}
