@@ -14,7 +14,9 @@ aging in seconds (a model waiting 10 s takes the device), not the live loop's 32
 group's footprint with every layer resident (weights and a 2 GiB KV pool each), so that the models cannot all be
 resident, and at least 105% of its largest model's, so that time-slicing can run it.
 
-    .venv/bin/python bench/scheduling_study.py --out out/study [--duration 300]
+    .venv/bin/python bench/scheduling_study.py --out out/study [--duration 300] [--cost]
+
+`--cost` adds tidal's `cost` policy on the same traces (the same aging), which chooses per tick.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--duration", type=float, default=300.0)
+    ap.add_argument("--cost", action="store_true", help="also the cost policy (asked every tick: slower)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +89,17 @@ def main(argv=None) -> None:
             cr = simulate(group_models(presets, frac, slo, link), trace, ["lru"], budget, **AGING)
             ts, cr = ts["policies"]["exclusive"], cr["policies"]["lru"]
             assert cr["switches"]["Preempt"] == 0, (gname, rate, cv)  # co-residency never preempts
-            rows.append({"group": gname, "presets": presets, "link": link, "slo": sname, "cv": cv, "rate": rate,
-                         "budget": budget, "co_fraction": frac, "time_slicing": _keep(ts), "co_residency": _keep(cr)})
+            row = {"group": gname, "presets": presets, "link": link, "slo": sname, "cv": cv, "rate": rate,
+                   "budget": budget, "co_fraction": frac, "time_slicing": _keep(ts), "co_residency": _keep(cr)}
+            if args.cost:
+                c = simulate(group_models(presets, None, slo, link), trace, ["cost"], budget, **AGING)
+                row["cost"] = _keep(c["policies"]["cost"]) | {"residency_changes": c["policies"]["cost"][
+                    "residency_changes"]}
+            rows.append(row)
             print(f"{gname:11s} {link:5s} {sname:11s} cv {cv:g} rate {rate:5g}: time-slicing "
                   f"{ts['slo_attainment']:.3f} co-residency ({'/'.join(f'{x:.2f}' for x in frac)} resident) "
-                  f"{cr['slo_attainment']:.3f}", flush=True)
+                  f"{cr['slo_attainment']:.3f}" + (f" cost {row['cost']['slo_attainment']:.3f}" if args.cost else ""),
+                  flush=True)
     from tidal.simulate import shapes
 
     assumptions = {k: getattr(shapes, k) for k in ("HBM_BYTES_S", "HBM_EFFICIENCY", "LAUNCH_S", "PER_SEQUENCE_S",
@@ -130,6 +139,9 @@ def figure(doc: dict, path: Path) -> None:
                         label=f"time-slicing, cv {cv:g}")
                 ax.plot(xs, [r["co_residency"]["slo_attainment"] for r in rs], "s" + style, color="C1",
                         label=f"co-residency, cv {cv:g}")
+                if rs and "cost" in rs[0]:
+                    ax.plot(xs, [r["cost"]["slo_attainment"] for r in rs], "^" + style, color="C2",
+                            label=f"cost policy, cv {cv:g}")
             ax.set_xscale("log", base=2)
             frac = "/".join(f"{x:.2f}" for x in rs[0]["co_fraction"])
             ax.set_title(f"{g}, {link}, {sname}\nco-resident {frac}", fontsize=7)

@@ -153,7 +153,7 @@ def test_the_loop_measures_each_models_arrival_rate(tmp_path):
         for _ in range(5):
             sched.submit("a", [1, 2, 3], max_new_tokens=2)
         snap = sched.snapshot()
-        window = min(tidal.scheduler.snapshots.ARRIVAL_WINDOW_S, max(1.0, snap.time))
+        window = min(tidal.scheduler.state.ARRIVAL_WINDOW_S, max(1.0, snap.time))
         assert snap.model("a").arrival_rate == pytest.approx(5 / window, rel=0.05)
         assert snap.model("b").arrival_rate == 0.0
         sched.run_until_idle()

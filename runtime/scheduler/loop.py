@@ -24,7 +24,7 @@ from .plans import load_cost_model
 from .policies import resolve
 from . import snapshots
 from .requests import ScheduledRequest, Trace
-from .state import SetResidency, Snapshot, Step, Unload, check_actions
+from .state import ARRIVAL_WINDOW_S, SetResidency, Snapshot, Step, Unload, check_actions
 
 MAX_STALLED_TICKS = 1000  # ticks in a row with work waiting and no step before the loop calls the policy stuck
 
@@ -216,7 +216,7 @@ class Scheduler:
             self._queues[model].append(req)
             arrivals = self._arrivals.setdefault(model, collections.deque())
             arrivals.append(req.submitted_at)
-            while arrivals[0] < req.submitted_at - snapshots.ARRIVAL_WINDOW_S:
+            while arrivals[0] < req.submitted_at - ARRIVAL_WINDOW_S:
                 arrivals.popleft()
             self._wake.notify_all()
         return req

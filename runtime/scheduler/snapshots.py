@@ -7,9 +7,7 @@ import time
 
 from ..engine.preemption import staging_bytes
 from ..policy import ModelState, ModelView
-from .state import ModelSnapshot, Snapshot
-
-ARRIVAL_WINDOW_S = 10.0  # a model's arrival rate in the snapshot: its submissions over the last this many seconds
+from .state import ARRIVAL_WINDOW_S, ModelSnapshot, Snapshot
 
 
 def build(sched) -> Snapshot:

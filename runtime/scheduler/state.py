@@ -19,6 +19,9 @@ from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, ModelView, PoolView, Preempt, Request, Resume
 
 
+ARRIVAL_WINDOW_S = 10.0  # a model's arrival rate in the snapshot: its submissions over the last this many seconds
+
+
 # -- the snapshot ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModelSnapshot:
@@ -46,7 +49,7 @@ class ModelSnapshot:
     ring_slots: int = 3  # layer slots its streaming ring holds when a layer streams (prefetch_depth + 1)
     num_layers: int = 0  # decoder layers (0: unknown; a SetResidency then changes no bytes in `check_actions`)
     layer_bytes: int = 0  # device bytes of one decoder layer
-    arrival_rate: float = 0.0  # requests a second submitted to it lately (snapshots.ARRIVAL_WINDOW_S): work to come
+    arrival_rate: float = 0.0  # requests a second submitted to it lately (ARRIVAL_WINDOW_S): work to come
 
     @property
     def name(self) -> str:

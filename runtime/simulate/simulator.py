@@ -25,11 +25,11 @@ from ..errors import ConfigError
 from ..policy import Load, ModelState, ModelView, PoolView, Preempt, Resume
 from ..scheduler.policies import ExclusiveScheduling, LruScheduling, resolve
 from ..scheduler.pricing import Pricing
-from ..scheduler.state import ModelSnapshot, SetResidency, Snapshot, Step, Unload, check_actions
+from ..scheduler.state import (ARRIVAL_WINDOW_S, ModelSnapshot, SetResidency, Snapshot, Step, Unload,
+                               check_actions)
 from .engine import SimEngine, SimRequest
 
 REPEATS_STEPS = (ExclusiveScheduling, LruScheduling)
-ARRIVAL_WINDOW_S = 10.0  # as the loop's (scheduler.snapshots)
 
 
 @dataclasses.dataclass
@@ -61,8 +61,9 @@ class Simulator:
         self.policy_name = policy if isinstance(policy, str) else type(policy).__name__
         self.device_budget, self.host_budget = device_budget, host_budget
         for m in models:
-            for tier, need, budget in (("device", m.device_bytes(round(m.resident_fraction * m.num_layers)),
-                                        device_budget), ("host", 0, host_budget)):
+            r = round(m.resident_fraction * m.num_layers)
+            for tier, need, budget in (("device", m.device_bytes(r), device_budget),
+                                       ("host", m.host_bytes(r), host_budget)):
                 if budget is not None and need > budget:
                     raise ConfigError(f"model {m.name!r} needs {need} {tier} bytes while active; the {tier} budget "
                                       f"is {budget}, so it can never be loaded")
