@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--duration", type=float, default=300.0)
     ap.add_argument("--cost", action="store_true", help="also the cost policy (asked every tick: slower)")
+    ap.add_argument("--slos", default=",".join(SLOS), help=f"which SLO settings (default: {','.join(SLOS)})")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
         sizes = [m.device_bytes(m.num_layers) for m in full]
         budget = int(max(BUDGET_OF_SUM * sum(sizes), LARGEST * max(sizes)))
         names = [m.name for m in full]
-        for link, sname, cv, rate in itertools.product(LINKS, SLOS, CVS, RATES):
+        for link, sname, cv, rate in itertools.product(LINKS, args.slos.split(","), CVS, RATES):
             slo, frac = SLOS[sname], co_fractions(presets, budget, link)
             spec = WorkloadSpec(rate=rate, cv=cv, zipf=1.0, duration=args.duration, seed=0, prompt_mean=512,
                                 output_mean=128, prompt_max=2048, output_max=512)
@@ -125,7 +126,7 @@ def figure(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r["group"] for r in doc["rows"]))
-    panels = [(link, s) for link in LINKS for s in SLOS]
+    panels = [(link, s) for link in LINKS for s in dict.fromkeys(r["slo"] for r in doc["rows"])]
     fig, axes = plt.subplots(len(panels), len(groups), figsize=(3.2 * len(groups), 2.8 * len(panels)),
                              sharey=True, squeeze=False)
     for i, (link, sname) in enumerate(panels):
