@@ -56,11 +56,13 @@ QUICK_PROFILE = ["--fractions", "1", "0.5", "0", "--batches", "1", "2", "--outpu
 def profile_for(path, link, out: Path, log, quick: bool = False) -> str | None:
     """DIR/profiles/<checkpoint>-link<GB/s>/profile.json for the cost policy, made with `tidal profile --quick` behind the
     same link (reused when present); None when it fails or takes over 10 minutes."""
-    dest = out / "profiles" / f"{Path(path).name}-link{link.gbps:.3g}"  # a profile per checkpoint and link
+    name = f"link{link.gbps:.3g}" if link is not None else "nolink"
+    dest = out / "profiles" / f"{Path(path).name}-{name}"  # a profile per checkpoint and link
     if (dest / "profile.json").is_file():
         return str(dest / "profile.json")
     cmd = [sys.executable, "-m", "tidal", "profile", str(path), "--quick", "--device", "cpu", "--dtype", "float32",
-           "--link", f"{link.gbps:.6g}", "--threads", "1", "--no-progress", "--out", str(dest)] + (QUICK_PROFILE if quick else [])
+           "--threads", "1", "--no-progress", "--out", str(dest)] + (QUICK_PROFILE if quick else []) + \
+        (["--link", f"{link.gbps:.6g}"] if link is not None else [])
     log(f"profiling for the cost policy: {' '.join(cmd)}")
     try:
         subprocess.run(cmd, check=True, timeout=600, capture_output=True)
@@ -91,13 +93,14 @@ def run(args) -> dict:
         big = max(w.models, key=lambda m: m.preset.param_count())
         link_spec = args.link or w.link
         link = W.make_link(link_spec, paths[big.name], kw)
-        log(f"[{wname}] link: {link.gbps:.4g} GB/s ({link.label})")
+        log(f"[{wname}] link: " + (f"{link.gbps:.4g} GB/s ({link.label})" if link is not None else "none"))
         foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
         budget = int(w.budget_of_sum * sum(foot.values()))
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
         rate = args.rate or w.rate
         trace = W.arrivals(w, args.duration, rate, args.seed)
-        wdoc = {**w.describe(), "rate_rps": rate, "link": {"gbps": link.gbps, "label": link.label, "target": link_spec},
+        wdoc = {**w.describe(), "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
+                                                           "label": link.label if link else "none", "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
                              for a in trace], "policies": {}}
@@ -277,8 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rate", type=float, default=None, help="arrivals per second, for every workload (default: "
                     "each workload's own: copay 8, nopay 6; --quick 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c) or "
-                    "GB/s, for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")
+    ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c), "
+                    "GB/s, or none (no emulation), for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 3 s of arrivals: a smoke run")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no run: merge these scheduler.json files "

@@ -101,7 +101,9 @@ EXTRA_TARGETS = {"gh200-c2c": ("GH200 (HBM3, 96 GB)", 4000.0, "NVLink-C2C", 450.
 
 def make_link(spec: str, path, kw: dict):
     """`spec` GB/s, or a target (tidal.backends.link.TARGETS or EXTRA_TARGETS) calibrated on the model at
-    `path` (tidal.study.emulation.calibrate_link)."""
+    `path` (tidal.study.emulation.calibrate_link); "none": no emulation (None: copies at memory speed)."""
+    if spec == "none":
+        return None
     try:
         return tidal.backends.LinkEmulation(float(spec), f"{float(spec):g} GB/s")
     except ValueError:

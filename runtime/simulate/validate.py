@@ -59,7 +59,7 @@ def validate(run_dir) -> dict:
             rows[p] = row
         rank = {k: sorted(policies, key=lambda p: -rows[p]["slo_attainment"][k]) for k in ("live", "sim")}
         same &= rank["live"] == rank["sim"]
-        out["workloads"][name] = {"link_gbps": w["link"]["gbps"], "policies": rows, "ranking": rank,
+        out["workloads"][name] = {"link_gbps": w["link"].get("gbps"), "policies": rows, "ranking": rank,
                                   "median_error": statistics.median(
                                       [v["error"] for r in rows.values() for v in r.values()
                                        if v.get("error") is not None])}
