@@ -104,8 +104,10 @@ def make_link(spec: str, path, kw: dict):
     `path` (tidal.study.emulation.calibrate_link); "none": no emulation (None: copies at memory speed)."""
     if spec == "none":
         return None
+    from tidal.backends import LinkEmulation
+
     try:
-        return tidal.backends.LinkEmulation(float(spec), f"{float(spec):g} GB/s")
+        return LinkEmulation(float(spec), f"{float(spec):g} GB/s")
     except ValueError:
         from tidal.backends.link import LinkTarget
         from tidal.study.emulation import calibrate_link
@@ -128,36 +130,6 @@ def arrivals(w: Workload, duration: float, rate: float, seed: int) -> list[dict]
         n = int(rng.integers(w.prompt_len[0], w.prompt_len[1] + 1))
         out.append({"t": round(t, 4), "model": m.name, "max_new_tokens": int(rng.integers(w.output_len[0], w.output_len[1] + 1)),
                     "prompt": rng.integers(0, m.preset.vocab_size, n).tolist()})
-
-
-class RecordingRuntime(tidal.Runtime):
-    """A Runtime that keeps the reports of every preempt, resume, load and residency change the loop applies."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.reports: list = []
-        self.loads: dict[str, int] = {}
-
-    def preempt(self, name, weights="host", kv="swap"):
-        r = super().preempt(name, weights=weights, kv=kv)
-        self.reports.append(r)
-        return r
-
-    def resume(self, name, pipelined=True, evict=None):
-        r, ev = super().resume(name, pipelined=pipelined, evict=evict)
-        self.reports += [r, *ev]
-        return r, ev
-
-    def load(self, name, path, evict=None, **kw):
-        ev = super().load(name, path, evict=evict, **kw)
-        self.reports += ev
-        self.loads[name] = self.loads.get(name, 0) + self.models[name].stats().load.bytes
-        return ev
-
-    def set_residency(self, name, *a, **k):
-        r = super().set_residency(name, *a, **k)
-        self.reports.append(r)
-        return r
 
 
 STATIC = "static"  # the bench's own reference policy, not tidal's: see StaticCoResidency
@@ -203,7 +175,7 @@ def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: in
                drain_s: float, cost_models: dict | None = None, fractions: dict | None = None) -> dict:
     """One live run: the scheduler's loop in its thread (`sched.start()`), a feeder thread submitting each
     arrival at its timestamp, then up to `drain_s` for the rest to finish."""
-    rt = RecordingRuntime(device="cpu", device_budget_bytes=budget)
+    rt = tidal.Runtime(device="cpu", device_budget_bytes=budget)
     sched = tidal.Scheduler(rt, policy=StaticCoResidency() if policy == STATIC else policy)
     params = inspect.signature(sched.add_model).parameters
     for m in w.models:
@@ -240,7 +212,7 @@ def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: in
         except Exception as exc:  # noqa: BLE001  # reported, not raised: the other policies still run
             error = repr(exc)
         stats = {name: e.stats() for name, e in rt.models.items()}
-        result = metrics(w, reqs, sched.trace, rt, stats, t0)
+        result = metrics(w, reqs, sched.trace, stats, t0)
         result["trace_offset_s"] = round(t0 - getattr(sched, "_t0", t0), 4)  # trace time minus arrival time
         correction = getattr(sched.policy, "correction", None)  # the cost policy's learnt measured/predicted
         result["online_correction"] = correction.as_dict() if correction is not None else None
@@ -248,7 +220,7 @@ def run_policy(policy: str, w: Workload, paths: dict, kw: dict, link, budget: in
     return result
 
 
-def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
+def metrics(w: Workload, reqs, trace, stats, t0) -> dict:
     slos = {m.name: (m.slo_ttft_s, m.slo_tpot_s) for m in w.models}
     rows, served = [], []
     end = t0
@@ -261,17 +233,18 @@ def metrics(w: Workload, reqs, trace, rt, stats, t0) -> dict:
         rows.append({"model": a["model"], "arrival_s": a["t"], "ttft_s": s.ttft_s, "tpot_s": s.tpot_s, "tokens": n,
                      "done": r.done, "finish_reason": r.finish_reason, "slo_met": s.meets(*slos[a["model"]])})
     kinds = [e["action"] for e in trace]
+    # each model is loaded once (no policy here unloads), so its engine's load bytes are all it read at load
     moved = {"preempt_weight": 0, "preempt_kv": 0, "resume_disk": 0, "resume_weight": 0, "resume_kv": 0,
-             "residency": 0, "load": sum(rt.loads.values())}
-    for r in rt.reports:
-        kind = type(r).__name__
-        if kind == "PreemptionReport":
-            moved["preempt_weight"] += r.weight_bytes
-            moved["preempt_kv"] += r.kv_bytes
-        elif kind == "ResumeReport":
-            moved["resume_disk"] += r.disk_bytes
-            moved["resume_weight"] += r.weight_bytes
-            moved["resume_kv"] += r.kv_bytes
+             "residency": 0, "load": sum(s.load.bytes for s in stats.values())}
+    for e in trace:  # the loop records each preemption's and resume's report with its action
+        r = e.get("report")
+        if e["action"] == "Preempt":
+            moved["preempt_weight"] += r["weight_bytes"]
+            moved["preempt_kv"] += r["kv_bytes"]
+        elif e["action"] == "Resume":
+            moved["resume_disk"] += r["disk_bytes"]
+            moved["resume_weight"] += r["weight_bytes"]
+            moved["resume_kv"] += r["kv_bytes"]
     moved["residency"] = sum(s.residency_to_device_bytes + s.residency_to_host_bytes for s in stats.values())
     moved["streamed"] = sum(s.bytes_streamed for s in stats.values())
     moved["total_switching"] = sum(v for k, v in moved.items() if k != "streamed")
