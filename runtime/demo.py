@@ -5,12 +5,9 @@ on 127.0.0.1 and a free port; one greedy chat answer streams through the officia
 printed beside the profile's key numbers. The server is shut down before `run` returns."""
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import itertools
-import socket
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -43,39 +40,19 @@ def profile_settings():
 
 
 class Served:
-    """`tidal serve` in this process, for one model: the Service (build_service) with the scheduler's thread,
-    and tidal's uvicorn Server in a daemon thread on 127.0.0.1 and a free port. `model`: ModelConfig's
-    settings. `url`: the /v1 base."""
+    """`tidal serve` in this process, for one model (`serve.server.Background`): the Service with the
+    scheduler's thread, and tidal's uvicorn Server in a daemon thread on 127.0.0.1 and a free port. `model`:
+    ModelConfig's settings. `url`: the /v1 base."""
 
     def __init__(self, path, device=None, name: str = SERVED_NAME, **model):
-        import uvicorn
-
-        from .serve.app import create_app
         from .serve.config import ModelConfig, ServeConfig
-        from .serve.loading import build_service
-        from .serve.server import Server
+        from .serve.server import Background
 
         config = ServeConfig(models=(ModelConfig(name=name, path=str(path), **model),), device=device, port=0,
                              shutdown_grace_s=5.0, log_level="warning")
-        self.name, self.service = name, build_service(config)
-        try:
-            self.service.start(warmup=True)
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-            uv = uvicorn.Config(create_app(self.service), log_level="warning", timeout_graceful_shutdown=10)
-            self.server = Server(uv, self.service)
-            self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve(sockets=[sock]),),
-                                           daemon=True, name="tidal-demo-server")
-            self.thread.start()
-            deadline = time.monotonic() + 60
-            while not self.server.started:
-                if time.monotonic() > deadline or not self.thread.is_alive():
-                    raise RuntimeError("the demo's server did not start")
-                time.sleep(0.02)
-        except BaseException:
-            self.service.close()
-            raise
+        self.name = name
+        self.running = Background(config, thread_name="tidal-demo-server")
+        self.url, self.service = self.running.url, self.running.service
 
     def __enter__(self):
         return self
@@ -85,10 +62,7 @@ class Served:
 
     def close(self) -> None:
         """Stop uvicorn (no request is in flight by then), then the scheduler, and release the model."""
-        if self.thread.is_alive():
-            self.server.should_exit = True
-            self.thread.join(timeout=30)
-        self.service.close()
+        self.running.stop()
 
 
 def stream_chat(client, model: str, echo=print) -> dict:

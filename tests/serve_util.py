@@ -1,10 +1,6 @@
-"""Shared by the server tests: a small random Llama with SmolLM2's tokenizer, and a real `tidal serve` app run
-by uvicorn in a thread on a free local port."""
-import asyncio
+"""Shared by the server tests: a small random Llama with SmolLM2's tokenizer. (A real `tidal serve` run by
+uvicorn in a thread on a free local port is `tidal.serve.server.Background`.)"""
 import shutil
-import socket
-import threading
-import time
 
 import torch
 
@@ -30,39 +26,3 @@ def random_model(root, seed: int = 0) -> str:
     for name in TOKENIZER_FILES:
         shutil.copy(f"{smollm2()}/{name}", path / name)
     return str(path)
-
-
-class Running:
-    """`tidal serve` in this process: the Service built from `config` (a ServeConfig; its port is ignored: a
-    free one is bound) and uvicorn in a daemon thread. `url` is the /v1 base; `stop()` shuts both down."""
-
-    def __init__(self, config, metrics=None):
-        import uvicorn
-
-        from tidal.serve.app import create_app
-        from tidal.serve.loading import build_service
-
-        self.service = build_service(config, metrics=metrics)
-        self.service.start(warmup=config.warmup)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning"))
-        serve = self.server.serve(sockets=[sock])
-        self.thread = threading.Thread(target=asyncio.run, args=(serve,), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    @property
-    def base(self) -> str:
-        return self.url.removesuffix("/v1")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.service.close()

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import tidal
-from serve_util import Running, random_model, smollm2
+from serve_util import random_model, smollm2
+from tidal.serve.server import Background
 from tidal.serve.config import ServeConfig, ModelConfig
 from tidal.serve.metrics import ServeMetrics
 
@@ -49,7 +50,7 @@ def server(tmp_path_factory):
     budget = max(sizes) + 1  # either fits alone, never both
     assert budget < sum(sizes)
     config = ServeConfig(models, device="cpu", device_budget=budget, policy="lru")
-    running = Running(config, metrics=Recording())
+    running = Background(config, metrics=Recording())
     yield running
     running.stop()
 

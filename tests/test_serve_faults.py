@@ -6,14 +6,15 @@ import json
 import httpx
 import pytest
 
-from serve_util import Running, random_model
+from serve_util import random_model
+from tidal.serve.server import Background
 from tidal.serve.config import ModelConfig, ServeConfig
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = random_model(tmp_path_factory.mktemp("faults") / "rand")
-    running = Running(ServeConfig((ModelConfig("rand", path, dtype="float32", kv_cache_bytes="1MiB",
+    running = Background(ServeConfig((ModelConfig("rand", path, dtype="float32", kv_cache_bytes="1MiB",
                                                kernels="reference"),), device="cpu"))
     yield running
     with pytest.raises(RuntimeError, match="boom"):  # stop() re-raises what failed the loop

@@ -45,3 +45,51 @@ class Server(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class Background:
+    """`tidal serve` in this process, for the demo and the tests: the Service built from `config` (`metrics`: a
+    ServeMetrics, default a new one) with its scheduler's thread started (warmed up as `config.warmup` says),
+    and `Server` in a daemon thread on 127.0.0.1 and a free port (the config's host and port are not used).
+    `url`: the /v1 base; `stop()` stops uvicorn, then the scheduler, and releases the models."""
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(self, config, metrics=None, thread_name: str = "tidal-serve"):
+        import socket
+        import time
+
+        from .app import create_app
+        from .loading import build_service
+
+        self.service = build_service(config, metrics=metrics)
+        try:
+            self.service.start(warmup=config.warmup)
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            self.url = f"http://127.0.0.1:{self.port}/v1"
+            uv = uvicorn.Config(create_app(self.service), log_level="warning",
+                                timeout_graceful_shutdown=config.shutdown_grace_s + 5.0)
+            self.server = Server(uv, self.service)
+            self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve(sockets=[sock]),),
+                                           daemon=True, name=thread_name)
+            self.thread.start()
+            deadline = time.monotonic() + self.START_TIMEOUT_S
+            while not self.server.started:
+                if time.monotonic() > deadline or not self.thread.is_alive():
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.02)
+        except BaseException:
+            self.service.close()
+            raise
+
+    @property
+    def base(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.should_exit = True
+            self.thread.join(timeout=30)
+        self.service.close()
