@@ -22,6 +22,12 @@ from ..policy import Load, ModelState, ModelView, PoolView, Preempt, Request, Re
 ARRIVAL_WINDOW_S = 10.0  # a model's arrival rate in the snapshot: its submissions over the last this many seconds
 
 
+def layer_device_bytes(resident: int, num_layers: int, layer_bytes: int, ring_slots: int) -> int:
+    """Device bytes of a model's decoder layers with `resident` of them resident: those layers, plus the
+    streaming ring's slots when any layer streams."""
+    return (resident + min(ring_slots, num_layers - resident)) * layer_bytes
+
+
 # -- the snapshot ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModelSnapshot:
@@ -68,9 +74,8 @@ class ModelSnapshot:
         return round((self.resident_fraction if fraction is None else fraction) * self.num_layers)
 
     def layer_device_bytes(self, resident: int) -> int:
-        """Device bytes of its decoder layers with `resident` of them resident: those layers, plus the streaming
-        ring's slots when any layer streams."""
-        return (resident + min(self.ring_slots, self.num_layers - resident)) * self.layer_bytes
+        """Device bytes of its decoder layers with `resident` of them resident (`layer_device_bytes`)."""
+        return layer_device_bytes(resident, self.num_layers, self.layer_bytes, self.ring_slots)
 
     def residency_change(self, old: int, new: int) -> tuple[int, int]:
         """(device, host) bytes a change from `old` to `new` resident layers adds (negative: frees). The host

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 
 from ..errors import ConfigError
+from ..scheduler.state import layer_device_bytes
 
 
 @dataclasses.dataclass
@@ -96,9 +96,13 @@ class SimModelConfig:
     def blocks(self) -> int:
         return self.kv_cache_bytes // (self.kv_bytes_per_token * self.block_size)
 
+    def blocks_for(self, tokens: int) -> int:
+        """KV blocks `tokens` tokens take."""
+        return -(-tokens // self.block_size)
+
     def layer_device_bytes(self, resident: int) -> int:
-        """Device bytes of its decoder layers with `resident` resident (plus the ring when any streams)."""
-        return (resident + min(self.ring_slots, self.num_layers - resident)) * self.layer_bytes
+        """Device bytes of its decoder layers with `resident` resident (`scheduler.state.layer_device_bytes`)."""
+        return layer_device_bytes(resident, self.num_layers, self.layer_bytes, self.ring_slots)
 
     def device_bytes(self, resident: int) -> int:
         """Device bytes while active at `resident` layers: weights on the device, the ring, the KV pool."""
@@ -118,9 +122,6 @@ class SimEngine:
         self.waiting: collections.deque[SimRequest] = collections.deque()
         self.running: list[SimRequest] = []
         self.used_blocks = 0
-
-    def _blocks(self, tokens: int) -> int:
-        return math.ceil(tokens / self.config.block_size)
 
     def hand(self, req: SimRequest, now: float) -> None:
         req.started_s = now
@@ -157,7 +158,7 @@ class SimEngine:
             while self.used_blocks + new > cfg.blocks and len(self.running) > 1:
                 victim = self.running.pop()
                 new -= victim.context % block == 0
-                self.used_blocks -= self._blocks(victim.context)
+                self.used_blocks -= self.config.blocks_for(victim.context)
                 victim.engine_preemptions += 1
                 self.waiting.appendleft(victim)
             context = sum(r.context for r in self.running) // len(self.running)
@@ -169,7 +170,7 @@ class SimEngine:
                 r.generated += 1
                 if r.generated >= r.output_tokens:
                     r.finished_s = t
-                    self.used_blocks -= self._blocks(r.context)
+                    self.used_blocks -= self.config.blocks_for(r.context)
                     finished.append(r)
                 else:
                     still.append(r)
@@ -177,7 +178,7 @@ class SimEngine:
         admitted = []
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
             r = self.waiting[0]
-            blocks = self._blocks(r.context + 1)
+            blocks = self.config.blocks_for(r.context + 1)
             if self.used_blocks + blocks > cfg.blocks:
                 break
             self.waiting.popleft()
@@ -192,7 +193,7 @@ class SimEngine:
                 r.generated += 1  # a prefill's token: the first, or the next after a recompute
                 if r.generated >= r.output_tokens:
                     r.finished_s = t
-                    self.used_blocks -= self._blocks(r.context)
+                    self.used_blocks -= self.config.blocks_for(r.context)
                     finished.append(r)
                 else:
                     self.running.append(r)

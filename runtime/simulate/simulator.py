@@ -80,15 +80,11 @@ class Simulator:
             raise ConfigError(f"the trace names model {unknown[0]!r}; simulated: {sorted(self.configs)}")
         for r in reqs:
             cfg = self.configs[r.model]
-            if math_blocks(r.prompt_tokens + 1, cfg.block_size) > cfg.blocks:
+            if cfg.blocks_for(r.prompt_tokens + 1) > cfg.blocks:
                 raise ConfigError(f"a request of {r.prompt_tokens} prompt tokens can never fit model {r.model!r}'s "
                                   f"KV cache ({cfg.blocks * cfg.block_size} tokens)")
         run = _Run(self, reqs)
         return run.go()
-
-
-def math_blocks(tokens: int, block: int) -> int:
-    return -(-tokens // block)
 
 
 class _Run:
