@@ -237,4 +237,6 @@ def test_random_interleavings_gated_and_faulty(staged):
                          backend=scripted)
     counts = _run(cache, scripted, seed=99 + staged, steps=3000)
     assert counts["failed_swaps"] > 20 and counts["locked"] > 40 and counts["out_of_blocks"] > 5, counts
-    assert counts["swap_out"] > 100 and counts["swap_in"] > 80, counts
+    # a coverage floor: staged swaps under the ordering check's delayed copies ran 136-208 out and 76-143 in
+    # over 24 runs (when copies finish decides how many swaps find their sequences unlocked)
+    assert counts["swap_out"] > 90 and counts["swap_in"] > 50, counts
