@@ -107,20 +107,65 @@ def test_every_request_finishes_within_the_budgets(policy):
         [(r.first_token_s, r.finished_s) for r in result.requests]
 
 
-def test_fast_forward_changes_nothing():
-    """lru's plans of steps alone are repeated without asking it again: the same run as asking every tick."""
-    models = [config(n) for n in "abc"]
+@pytest.mark.parametrize("policy", ["exclusive", "lru"])
+@pytest.mark.parametrize("rate", [4.0, 12.0])
+def test_fast_forward_changes_nothing(policy, rate):
+    """exclusive's and lru's plans of steps alone are repeated without asking them again, through arrivals and
+    finished requests of the models with work: the same run as asking every tick (at 12 requests/s the queues
+    grow long)."""
+    models = [config(n, kv_tokens=64) for n in "abc"]
     budget = int(1.5 * models[0].device_bytes(L))
-    trace = _trace(seed=3)
+    spec = WorkloadSpec(rate=rate, cv=1.5, zipf=1.0, duration=20.0, seed=3, prompt_mean=12, prompt_sigma=0.5,
+                        output_mean=16, output_sigma=0.5, prompt_max=40, output_max=40)
+    trace = generate(spec, list("abc"))
+    base = resolve(policy)
 
-    class Asked(LruScheduling):  # not one of REPEATS_STEPS' classes by identity of type: asked every tick
+    class Asked(type(base)):  # not one of REPEATS_STEPS' classes by identity of type: asked every tick
         pass
 
-    fast = Simulator(models, "lru", device_budget=budget).run(trace)
+    fast = Simulator(models, policy, device_budget=budget).run(trace)
     slow = Simulator(models, Checked(Asked()), device_budget=budget).run(trace)
-    assert fast.decisions < slow.decisions == slow.ticks
+    assert 3 * fast.decisions < slow.decisions == slow.ticks == fast.ticks
     assert [(r.first_token_s, r.finished_s) for r in fast.requests] == \
         [(r.first_token_s, r.finished_s) for r in slow.requests]
+    assert fast.trace == slow.trace and fast.steps == slow.steps
+
+
+@pytest.mark.parametrize("policy", ["exclusive", "cost"])
+def test_snapshot_aggregates_match_a_count_over_every_request(policy, monkeypatch):
+    """The snapshot's per-model aggregates come from running sums (so a tick costs the same beside long queues):
+    at every tick of an over-capacity run with engine preemptions, they equal a count over every request."""
+    from tidal.scheduler.state import ARRIVAL_WINDOW_S
+    from tidal.simulate import simulator
+
+    fast, ticks = simulator._Run.snapshot, []
+
+    def counted(run):
+        snap = fast(run)
+        window = min(ARRIVAL_WINDOW_S, max(1.0, run.now))
+        for m in snap.models:
+            arrived = [r for r in run.reqs[:run.next] if r.model == m.name]
+            live = [r for r in arrived if not r.done]
+            queued = list(run.queues[m.name])
+            no_token = [r for r in live if r.first_token_s is None]
+            assert (m.queued, m.in_flight) == (len(queued), len(live) - len(queued))
+            assert m.oldest_age_s == (run.now - min(r.arrival_s for r in live) if live else None)
+            assert m.context == (sum(r.context for r in live) // len(live) if live else 0)
+            assert m.remaining_tokens == max((r.output_tokens - r.generated for r in live), default=0)
+            assert m.first_token_waiting == len(no_token)
+            assert m.first_token_wait_s == (run.now - min(r.arrival_s for r in no_token) if no_token else None)
+            assert m.arrival_rate == sum(r.arrival_s >= run.now - window for r in arrived) / window
+        ticks.append(sum(m.in_flight > 8 for m in snap.models))
+        return snap
+
+    monkeypatch.setattr(simulator._Run, "snapshot", counted)
+    models = [config(n, kv_tokens=48, slo_ttft_s=1.0, slo_tpot_s=0.05) for n in "abc"]
+    spec = WorkloadSpec(rate=12.0, cv=2.0, zipf=1.0, duration=8.0, seed=5, prompt_mean=10, prompt_sigma=0.6,
+                        output_mean=20, output_sigma=0.6, prompt_max=30, output_max=40)
+    result = Simulator(models, policy, device_budget=int(1.5 * models[0].device_bytes(L))).run(
+        generate(spec, list("abc")))
+    assert any(ticks)  # engines held more than a batch: their waiting lines were counted too
+    assert sum(r.engine_preemptions for r in result.requests) > 0  # and held requests that had a token
 
 
 def test_refusals_name_the_problem():

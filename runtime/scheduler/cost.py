@@ -191,7 +191,7 @@ class CostScheduling:
         view = plan.view
         host_fits = view.host_budget is None or \
             view.host_used + view.model(m.name).host_copy_bytes + reserve_host <= view.host_budget
-        tier = self.pricing.tier(require_cost_model(plan.snapshot, m), m, plan.resident[m.name], host_fits)
+        tier = self._tier(plan.snapshot, m, plan.resident[m.name], host_fits)
         plan.add(Preempt(m.name, tier[1], tier[2]) if tier else evict(view, m.name, reserve_host))
 
     def _switch_cost(self, snapshot: Snapshot, m: ModelSnapshot, resident: int) -> float:
@@ -201,9 +201,31 @@ class CostScheduling:
         if key not in self._steps:
             host_fits = snapshot.host_budget is None or \
                 snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
-            tier = self.pricing.tier(self._cms[m.name], m, resident, host_fits)
+            tier = self._tier(snapshot, m, resident, host_fits)
             self._steps[key] = tier[0] if tier else 0.0
         return self._steps[key]
+
+    def _tier(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, host_fits: bool):
+        """`Pricing.tier` of `m` at this tick (many candidate plans evict the same model the same way)."""
+        key = ("tier", m.name, resident, host_fits)
+        if key not in self._steps:
+            cm = self._cms.get(m.name) or require_cost_model(snapshot, m)
+            self._steps[key] = self.pricing.tier(cm, m, resident, host_fits)
+        return self._steps[key]
+
+    def _greedy(self, members: list[ModelSnapshot], lo: dict, room: float, weight: dict | None = None) -> dict:
+        """`plans.greedy` over `members` with each step weighted by `weight` (name -> factor, default 1), at
+        this tick: the mixed plans' cores ask for the same co-residencies again and again."""
+        names = tuple(sorted(m.name for m in members))
+        key = ("greedy", names, tuple(lo[n] for n in names), room,
+               tuple((weight or {}).get(n, 1.0) for n in names))
+        if key not in self._steps:
+            if weight:
+                step = lambda m, r: weight.get(m.name, 1.0) * self._step(m, r)  # noqa: E731
+            else:
+                step = self._step
+            self._steps[key] = greedy(step, members, lo, room)
+        return dict(self._steps[key])
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""
@@ -292,7 +314,7 @@ class CostScheduling:
                     self._evict(plan, snapshot.model(v.name))
             if room(lo) < 0:
                 return None
-            target = greedy(step, members, lo, room(lo))
+            target = self._greedy(members, lo, room(lo), weight)
             if all(m.state.active for m in members):
                 now = {m.name: m.resident_layers() for m in members}
                 new_round = sum(step(m, target[m.name]) for m in members)
@@ -337,7 +359,7 @@ class CostScheduling:
                                            + m.layer_device_bytes(lo[m.name]) for m in members)
                 if room < 0:
                     break
-                target[t.name] = greedy(self._step, members, lo, room)
+                target[t.name] = self._greedy(members, lo, room)
                 rnd[t.name] = sum(self._step(m, target[t.name][m.name]) for m in members)
                 switch[t.name] = self._switch_cost(snapshot, t, target[t.name][t.name])
             else:

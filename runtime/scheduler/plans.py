@@ -105,23 +105,24 @@ def greedy(step, work, lo: dict, room: float) -> dict:
     """Resident layers per model, from `lo`: one layer at a time to the model whose predicted step (`step(m, r)`)
     shrinks most per device byte, while it fits `room` (the step is convex in the streamed layers)."""
     resident = dict(lo)
+
+    def offer(m):  # m's next layer: (its gain per byte, gain, name) and its bytes; None when it has them all
+        r = resident[m.name]
+        if r >= m.num_layers:
+            return None
+        extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
+        gain = step(m, r) - step(m, r + 1)
+        return (gain / extra if extra > 0 else math.inf, gain, m.name), extra, m
+
+    offers = {m.name: offer(m) for m in work}  # only the model that took a layer has a new offer
     while True:
-        best = None
-        for m in work:
-            r = resident[m.name]
-            if r >= m.num_layers:
-                continue
-            extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
-            if extra > room:
-                continue
-            gain = step(m, r) - step(m, r + 1)
-            key = (gain / extra if extra > 0 else math.inf, gain, m.name)
-            if best is None or key > best[0]:
-                best = (key, m, extra)
-        if best is None:
+        fit = [o for o in offers.values() if o is not None and o[1] <= room]
+        if not fit:
             return resident
-        resident[best[1].name] += 1
-        room -= best[2]
+        _, extra, m = max(fit, key=lambda o: o[0])
+        resident[m.name] += 1
+        room -= extra
+        offers[m.name] = offer(m)
 
 
 def worth_switching(work, now, alt) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
+import itertools
 
 from ..errors import ConfigError
 from ..scheduler.state import layer_device_bytes
@@ -113,13 +115,75 @@ class SimModelConfig:
         return (self.num_layers - resident) * self.layer_bytes
 
 
+class Backlog:
+    """Requests waiting in order (a model's queue, an engine's waiting requests), with what a snapshot reads of
+    them kept as they come and go, so that a tick costs the same beside ten or ten thousand of them: their count,
+    summed context, the most tokens any may still generate, the oldest, and the oldest without a token yet.
+    Requests with a token (preempted inside the engine) only ever join at the front."""
+
+    def __init__(self):
+        self._queue: collections.deque[SimRequest] = collections.deque()
+        self.context = 0
+        self.with_token = 0
+        self._remaining: list[tuple[int, int]] = []  # (-tokens left, id), stale entries dropped when on top
+        self._present: dict[int, int] = {}  # id -> tokens left, of those here
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self):
+        return iter(self._queue)
+
+    def __getitem__(self, i: int) -> SimRequest:
+        return self._queue[i]
+
+    def _joined(self, r: SimRequest) -> None:
+        self.context += r.context
+        self.with_token += r.first_token_s is not None
+        left = r.output_tokens - r.generated
+        self._present[r.id] = left
+        heapq.heappush(self._remaining, (-left, r.id))
+
+    def append(self, r: SimRequest) -> None:
+        self._queue.append(r)
+        self._joined(r)
+
+    def appendleft(self, r: SimRequest) -> None:
+        self._queue.appendleft(r)
+        self._joined(r)
+
+    def popleft(self) -> SimRequest:
+        r = self._queue.popleft()
+        self.context -= r.context
+        self.with_token -= r.first_token_s is not None
+        del self._present[r.id]
+        return r
+
+    def max_remaining(self) -> int:
+        """The most tokens any request here may still generate (0: none here)."""
+        while self._remaining and self._present.get(self._remaining[0][1]) != -self._remaining[0][0]:
+            heapq.heappop(self._remaining)
+        return -self._remaining[0][0] if self._remaining else 0
+
+    def oldest_arrival(self) -> float | None:
+        """The earliest arrival here: among those with a token (at the front) and the first without one."""
+        return min((r.arrival_s for r in itertools.islice(self._queue, self.with_token + 1)), default=None)
+
+    def oldest_without_token(self) -> float | None:
+        """The earliest arrival of a request here without a token yet."""
+        if self.with_token == len(self._queue):
+            return None
+        return next(r.arrival_s for r in itertools.islice(self._queue, self.with_token, None)
+                    if r.first_token_s is None)
+
+
 class SimEngine:
     """One simulated model's engine (see the module docstring). `resident` is its resident layers."""
 
     def __init__(self, config: SimModelConfig):
         self.config = config
         self.resident = round(config.resident_fraction * config.num_layers)
-        self.waiting: collections.deque[SimRequest] = collections.deque()
+        self.waiting = Backlog()
         self.running: list[SimRequest] = []
         self.used_blocks = 0
 

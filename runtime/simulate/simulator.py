@@ -10,14 +10,16 @@ prices, uncorrected). Each model's bytes are the `policy.PoolView` counts of its
 `check_actions` checks every plan against them, so the budgets hold as they do live. The trace and the aging
 counters are the loop's.
 
-Fast-forward: a policy whose plans depend only on the models' states, work and aging counters
-(`exclusive`, `lru`: `REPEATS_STEPS`) repeats a plan of Steps alone until something it reads changes, so
-the simulator repeats such a plan without asking it again, until the next arrival, a finished request, or
-the first tick at which a model would age. Other policies (`cost`, which reads time) are asked every tick.
+Fast-forward: a policy whose plans depend only on the models' states, which of them have work, the order of
+their oldest requests and the aging counters (`exclusive`, `lru`: `REPEATS_STEPS`) repeats a plan of Steps
+alone until one of those changes, so the simulator repeats such a plan without asking it again, through the
+arrivals and finished requests of the models with work, until a request arrives for a model without work,
+a stepped model runs out of work, or a waiting model would age (a test checks the runs equal). Other
+policies (`cost`, which reads time) are asked every tick.
 """
 from __future__ import annotations
 
-import collections
+import bisect
 import dataclasses
 import types
 
@@ -27,7 +29,7 @@ from ..scheduler.policies import ExclusiveScheduling, LruScheduling, resolve
 from ..scheduler.pricing import Pricing
 from ..scheduler.state import (ARRIVAL_WINDOW_S, ModelSnapshot, SetResidency, Snapshot, Step, Unload,
                                check_actions)
-from .engine import SimEngine, SimRequest
+from .engine import Backlog, SimEngine, SimRequest
 
 REPEATS_STEPS = (ExclusiveScheduling, LruScheduling)
 
@@ -94,8 +96,8 @@ class _Run:
         self.sim, self.reqs = sim, reqs
         self.engines = {n: SimEngine(c) for n, c in sim.configs.items()}
         self.state = {n: ModelState.UNLOADED for n in sim.configs}
-        self.queues: dict[str, list[SimRequest]] = {n: [] for n in sim.configs}
-        self.arrivals = {n: collections.deque() for n in sim.configs}  # the last ARRIVAL_WINDOW_S's
+        self.queues = {n: Backlog() for n in sim.configs}
+        self.arrivals: dict[str, list[float]] = {n: [] for n in sim.configs}  # every arrival, in order
         self.preempted_kv: dict[str, str | None] = {n: None for n in sim.configs}
         self.last_used = {n: -1 for n in sim.configs}
         self.last_step_at: dict[str, float] = {}
@@ -122,45 +124,58 @@ class _Run:
         return PoolView(self.sim.device_budget, self.sim.host_budget, tuple(self.view(n) for n in self.sim.configs))
 
     def snapshot(self) -> Snapshot:
+        """The live loop's snapshot (`scheduler.snapshots.build`) of the simulated books. Its aggregates over a
+        model's requests come from the backlogs' running sums and the (batch-sized) running set, so a tick costs
+        the same however long the queues grow."""
         now, models = self.now, []
         window = min(ARRIVAL_WINDOW_S, max(1.0, now))
         for name, cfg in self.sim.configs.items():
             e, q = self.engines[name], self.queues[name]
-            flight = list(e.waiting) + e.running
-            requests = q + flight
-            starts = [r.arrival_s for r in requests]
-            oldest = min(starts) if starts else None
+            parts = (q, e.waiting)
+            count = len(q) + len(e.waiting) + len(e.running)
+            oldest = min([t for t in (p.oldest_arrival() for p in parts) if t is not None] +
+                         [r.arrival_s for r in e.running], default=None)
+            no_token = [t for t in (p.oldest_without_token() for p in parts) if t is not None] + \
+                [r.arrival_s for r in e.running if r.first_token_s is None]
             view = self.view(name)
             active = view.state.active
-            no_token = [r for r in requests if r.first_token_s is None]
+            arrivals = self.arrivals[name]
             models.append(ModelSnapshot(
-                view, e.resident / cfg.num_layers, len(q), len(flight),
+                view, e.resident / cfg.num_layers, len(q), e.unfinished,
                 oldest_age_s=None if oldest is None else now - oldest,
                 waited_s=0.0 if oldest is None else now - max(oldest, self.last_step_at.get(name, oldest)),
                 skipped_ticks=self.skipped[name] if oldest is not None else 0,
                 slo_ttft_s=cfg.slo_ttft_s, slo_tpot_s=cfg.slo_tpot_s,
-                context=sum(r.context for r in requests) // len(requests) if requests else 0,
-                remaining_tokens=max((r.output_tokens - r.generated for r in requests), default=0),
+                context=(q.context + e.waiting.context + sum(r.context for r in e.running)) // count if count else 0,
+                remaining_tokens=max([p.max_remaining() for p in parts] +
+                                     [r.output_tokens - r.generated for r in e.running]),
                 kv_bytes=e.kv_bytes(),
-                first_token_wait_s=max((now - r.arrival_s for r in no_token), default=None),
-                first_token_waiting=len(no_token),
+                first_token_wait_s=now - min(no_token) if no_token else None,
+                first_token_waiting=len(q) - q.with_token + len(e.waiting) - e.waiting.with_token +
+                sum(r.first_token_s is None for r in e.running),
                 active_s=now - self.active_since.get(name, 0.0) if active else 0.0,
                 preempted_kv=self.preempted_kv[name], ring_slots=cfg.ring_slots, num_layers=cfg.num_layers,
                 layer_bytes=cfg.layer_bytes,
-                arrival_rate=sum(t >= now - window for t in self.arrivals[name]) / window))
+                arrival_rate=(len(arrivals) - bisect.bisect_left(arrivals, now - window)) / window))
         return Snapshot(now, self.tick, self.sim.device_budget, self.sim.host_budget, tuple(models),
                         self.sim.cost_models)
 
     # -- the loop ------------------------------------------------------------------------------------------------
-    def arrive(self) -> None:
+    def arrive(self, busy: set | None = None) -> bool:
+        """Queue the requests that have arrived by now; with `busy`, only while they are for those models (False:
+        one for another model is next)."""
         while self.next < len(self.reqs) and self.reqs[self.next].arrival_s <= self.now:
             r = self.reqs[self.next]
+            if busy is not None and r.model not in busy:
+                return False
             self.queues[r.model].append(r)
-            recent = self.arrivals[r.model]
-            recent.append(r.arrival_s)
-            while recent[0] < r.arrival_s - ARRIVAL_WINDOW_S:
-                recent.popleft()
+            self.arrivals[r.model].append(r.arrival_s)
             self.next += 1
+        return True
+
+    def with_work(self) -> set[str]:
+        """The models with work: queued, or unfinished in their engine."""
+        return {n for n, e in self.engines.items() if self.queues[n] or e.unfinished}
 
     def pending(self) -> int:
         return sum(len(q) for q in self.queues.values()) + sum(e.unfinished for e in self.engines.values())
@@ -175,22 +190,20 @@ class _Run:
             snap = self.snapshot()
             actions = check_actions(snap, policy.decide(snap))
             self.decisions += 1
-            finished = self.apply_all(snap, actions)
-            if not any(isinstance(a, Step) for a in actions):
-                continue
-            if isinstance(policy, REPEATS_STEPS) and all(isinstance(a, Step) for a in actions) and not finished:
+            self.apply_all(snap, actions)
+            if isinstance(policy, REPEATS_STEPS) and actions and all(isinstance(a, Step) for a in actions) and \
+                    self.with_work() == {m.name for m in snap.with_work}:
                 self.fast_forward(snap, actions)
         return SimResult(self.sim.policy_name, self.reqs, self.trace, self.steps, self.now, self.decisions,
                          self.tick, self.busy)
 
-    def apply_all(self, snap: Snapshot, actions) -> int:
-        """Apply the plan in order, the clock advancing by each action; returns the requests it finished."""
-        stepped, finished = set(), 0
+    def apply_all(self, snap: Snapshot, actions) -> None:
+        """Apply the plan in order, the clock advancing by each action."""
+        stepped = set()
         for action in actions:
             t = self.now
-            seconds, moved, done = self.apply(snap, action)
+            seconds, moved = self.apply(snap, action)
             self.now += seconds
-            finished += done
             if isinstance(action, Step):
                 self.steps[action.model] += 1
                 self.busy += seconds
@@ -204,7 +217,6 @@ class _Run:
             if isinstance(action, (Load, Resume)):
                 self.active_since[action.model] = t
         self.count_ticks(snap, stepped)
-        return finished
 
     def count_ticks(self, snap: Snapshot, stepped: set) -> None:
         work = [m.name for m in snap.with_work]
@@ -214,41 +226,43 @@ class _Run:
         self.tick += 1
 
     def fast_forward(self, snap: Snapshot, actions) -> None:
-        """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): no
-        arrival, no finished request, no model with work about to age."""
+        """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): the
+        same models with work (a request for one of them may arrive, one of theirs may finish), none of them
+        about to age."""
         aging = self.sim.policy.aging
         names = [a.model for a in actions]
+        busy = {m.name for m in snap.with_work}
         waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names]
-        while True:
-            if self.next < len(self.reqs) and self.reqs[self.next].arrival_s <= self.now:
-                return
+        while self.arrive(busy):
             for name, oldest in waiting:
                 waited = self.now - max(oldest, self.last_step_at.get(name, oldest))
                 if self.skipped[name] + 1 >= aging.max_skipped_ticks or waited >= aging.max_wait_s:
                     return
-            finished = 0
             for n in names:
-                seconds, done = self.engines[n].step(self.now)
+                seconds = self.step(n)
                 self.now += seconds
                 self.busy += seconds
                 self.steps[n] += 1
                 self.last_used[n] = self.tick
-                finished += len(done)
             self.count_ticks(snap, set(names))
-            if finished:
+            if not all(self.queues[n] or self.engines[n].unfinished for n in names):
                 return
 
-    def apply(self, snap: Snapshot, action) -> tuple[float, int, int]:
-        """Apply `action`: (its simulated seconds, the bytes it moved, the requests it finished). The plan
-        passed `check_actions` on the snapshot, whose views `view` makes: the byte books need no check here."""
+    def step(self, name: str) -> float:
+        """One step of `name`'s engine, its queued requests handed to it first: its seconds."""
+        e = self.engines[name]
+        for r in self.queues[name]:
+            e.hand(r, self.now)
+        self.queues[name] = Backlog()
+        return e.step(self.now)[0]
+
+    def apply(self, snap: Snapshot, action) -> tuple[float, int]:
+        """Apply `action`: (its simulated seconds, the bytes it moved). The plan passed `check_actions` on the
+        snapshot, whose views `view` makes: the byte books need no check here."""
         name = action.model
         cfg, e, m = self.sim.configs[name], self.engines[name], snap.model(name)
         if isinstance(action, Step):
-            for r in self.queues[name]:
-                e.hand(r, self.now)
-            self.queues[name] = []
-            seconds, done = e.step(self.now)
-            return seconds, 0, len(done)
+            return self.step(name), 0
         m = dataclasses.replace(m, view=self.view(name), kv_bytes=e.kv_bytes())
         if isinstance(action, Resume):  # the loop's Resume runs the first step; here the Step does
             w, kv = self.state[name].weights or "host", self.preempted_kv[name] or "swap"
@@ -270,4 +284,4 @@ class _Run:
         else:  # Load, Resume
             moved = weights + (e.kv_bytes() if self.preempted_kv[name] == "swap" else 0)
             self.state[name], self.preempted_kv[name] = ModelState.ACTIVE, None
-        return seconds, moved, 0
+        return seconds, moved
