@@ -2,6 +2,7 @@
 reload is dear and offload mild, time-slicing where offload is severe and a reload cheap, the quantum, aging,
 its predictions, and the budgets over a seeded random set of snapshots."""
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -48,9 +49,12 @@ def model(name, state=S.ACTIVE, fraction=1.0, in_flight=2, queued=0, active_s=0.
                          layer_bytes=W)
 
 
+CLOCK = itertools.count()  # each snapshot a second after the last: past any plan's replan interval
+
+
 def snap(*models, device=None, host=None, cms=None, tick=0):
     cms = cms or {m.name: cost_model() for m in models}
-    return Snapshot(0.0, tick, device, host, tuple(models), cms)
+    return Snapshot(float(next(CLOCK)), tick, device, host, tuple(models), cms)
 
 
 def decide(policy, s):
@@ -311,8 +315,8 @@ def test_no_plan_flip_when_the_gain_is_below_the_switch_cost():
     ts, co = fresh.last_estimates  # time-slicing predicted a little faster, both meet every SLO
     assert (ts.kind, co.kind, ts.violation, co.violation) == ("time-slicing", "co-residency", 0.0, 0.0)
     assert 0 < co.seconds - ts.seconds < 0.01  # less than the switch: a preempt and 5 layers in (5 ms)
-    # a policy already co-resident stays so
-    policy = CostScheduling()
+    # a policy already co-resident stays so (replan_s=0: these snapshots share a time, and each is planned anew)
+    policy = CostScheduling(replan_s=0)
     mild = {n: cost_model(per_layer=0.0001, reload=0.01) for n in "ab"}
     decide(policy, dataclasses.replace(s, cost_models=mild))  # streaming is cheap here: co-residency
     assert policy.last_estimates[0].kind == "co-residency"

@@ -47,7 +47,9 @@ class Checked:
     """The cost policy, with the budgets asserted at every tick."""
 
     def __init__(self, rt):
-        self.rt, self.inner, self.kinds, self.observed = rt, tidal.CostScheduling(), [], []
+        # replan_s=0: a plan at every tick (by default a plan of steps is held up to 50 ms without TTFT SLOs,
+        # the length of this whole run, and the choice checked here would be made only once)
+        self.rt, self.inner, self.kinds, self.observed = rt, tidal.CostScheduling(replan_s=0), [], []
         self.needs_cost_models = True
 
     def decide(self, snap):

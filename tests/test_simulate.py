@@ -107,25 +107,20 @@ def test_every_request_finishes_within_the_budgets(policy):
         [(r.first_token_s, r.finished_s) for r in result.requests]
 
 
-@pytest.mark.parametrize("policy", ["exclusive", "lru"])
+@pytest.mark.parametrize("policy", ["exclusive", "lru", "cost"])
 @pytest.mark.parametrize("rate", [4.0, 12.0])
 def test_fast_forward_changes_nothing(policy, rate):
-    """exclusive's and lru's plans of steps alone are repeated without asking them again, through arrivals and
-    finished requests of the models with work: the same run as asking every tick (at 12 requests/s the queues
-    grow long)."""
-    models = [config(n, kv_tokens=64) for n in "abc"]
+    """A plan of steps alone is repeated without asking the policy again until its `repeats_until` (exclusive,
+    lru: ever; cost: its replan_s), through arrivals and finished requests of the models with work: the same
+    run as asking at every tick (at 12 requests/s the queues grow long)."""
+    models = [config(n, kv_tokens=64, slo_ttft_s=1.0, slo_tpot_s=0.05) for n in "abc"]
     budget = int(1.5 * models[0].device_bytes(L))
     spec = WorkloadSpec(rate=rate, cv=1.5, zipf=1.0, duration=20.0, seed=3, prompt_mean=12, prompt_sigma=0.5,
                         output_mean=16, output_sigma=0.5, prompt_max=40, output_max=40)
     trace = generate(spec, list("abc"))
-    base = resolve(policy)
-
-    class Asked(type(base)):  # not one of REPEATS_STEPS' classes by identity of type: asked every tick
-        pass
-
     fast = Simulator(models, policy, device_budget=budget).run(trace)
-    slow = Simulator(models, Checked(Asked()), device_budget=budget).run(trace)
-    assert 3 * fast.decisions < slow.decisions == slow.ticks == fast.ticks
+    slow = Simulator(models, Checked(resolve(policy)), device_budget=budget).run(trace)  # no repeats_until
+    assert 2 * fast.decisions < slow.decisions == slow.ticks == fast.ticks
     assert [(r.first_token_s, r.finished_s) for r in fast.requests] == \
         [(r.first_token_s, r.finished_s) for r in slow.requests]
     assert fast.trace == slow.trace and fast.steps == slow.steps

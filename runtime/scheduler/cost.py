@@ -23,7 +23,9 @@ from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
 # (and only when the round's gain over the queued tokens also pays for the layers moved)
-MAX_SUBSETS = 5  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
+MAX_SUBSETS = 4  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
+REPLAN_OF_SLO = 0.1  # a plan is worked out again at least every this much of the tightest TTFT SLO with work,
+REPLAN_S = 0.05  # or this many seconds when no model with work has one (and whenever the models with work change)
 
 
 class CostScheduling:
@@ -70,6 +72,13 @@ class CostScheduling:
     No plan preempts a model with requests in flight before it has held the device for a quantum, unless a
     model has aged (`_pinned`).
 
+    Replanning: after a plan of Steps alone, the next plan is worked out in full at a tick when the models
+    with work differ from that plan's, when a model has aged, when a model it stepped is no longer active, or
+    once its `replan_interval` has passed (by default a tenth of the tightest TTFT SLO; `replan_s=0`: every tick); at
+    other ticks the last plan's Steps are repeated (`_hold`). Working a plan out prices every candidate
+    (milliseconds over four or five models with work, as long as a decode step), and between those events a
+    plan of steps changes only as time moves the estimates.
+
     Aging (`policies.Aging`, reused): once a model has aged, time-slicing and a mixed plan's slot serve the
     first aged model (preempting any other), co-residency steps every model with work anyway; so the exclusive and lru
     bound holds: no model with work goes more than max_skipped_ticks + N - 1 ticks without a step. When
@@ -82,11 +91,14 @@ class CostScheduling:
     needs_cost_models = True
 
     def __init__(self, max_wait_s: float = 2.0, max_skipped_ticks: int = 32, amortise: float = 1.0,
-                 online: bool = True):
+                 online: bool = True, replan_s: float | None = None):
         self.aging = Aging(max_wait_s, max_skipped_ticks)
-        if isinstance(amortise, bool) or not isinstance(amortise, (int, float)) or not amortise >= 0:
-            raise ConfigError(f"amortise={amortise!r} must be a number >= 0")
+        for name, value in (("amortise", amortise), ("replan_s", 0.0 if replan_s is None else replan_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name}={value!r} must be a number >= 0")
         self.amortise = float(amortise)
+        self.replan_s = None if replan_s is None else float(replan_s)
+        self._held: tuple | None = None  # (until, models with work, Steps) of the last plan worked out in full
         self.pricing = Pricing(online)  # what actions cost: the cost models, corrected from `observe`
         self._fallback = ExclusiveScheduling(max_wait_s, max_skipped_ticks)
         self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
@@ -132,7 +144,51 @@ class CostScheduling:
     def decide(self, snapshot: Snapshot) -> list:
         work = snapshot.with_work
         if not work:
+            self._held = None
             return []
+        held = self._hold(snapshot, work)
+        if held is not None:
+            return held
+        actions = self._plan(snapshot, work)
+        steady = all(isinstance(a, Step) for a in actions)  # after transitions, the next tick plans anew
+        self._held = (snapshot.time + self.replan_interval(work), frozenset(m.name for m in work),
+                      tuple(actions)) if steady and actions else None
+        return actions
+
+    def replan_interval(self, work: list[ModelSnapshot]) -> float:
+        """Seconds a plan of steps is repeated before it is worked out again: `replan_s`, or by default
+        REPLAN_OF_SLO of the tightest TTFT SLO among the models with work (REPLAN_S without one)."""
+        if self.replan_s is not None:
+            return self.replan_s
+        slos = [m.slo_ttft_s for m in work if m.slo_ttft_s is not None]
+        return REPLAN_OF_SLO * min(slos) if slos else REPLAN_S
+
+    def repeats_until(self, snapshot: Snapshot) -> float:
+        """After a `decide` on `snapshot` that returned Steps alone: the time before which every later `decide`
+        returns those Steps again, while the models with work stay the same and none ages (see `_hold`); a
+        simulator repeats them without asking."""
+        return -math.inf if self._held is None else self._held[0]
+
+    def _hold(self, snapshot: Snapshot, work: list[ModelSnapshot]) -> list | None:
+        """The last plan (Steps alone) again, with its predictions, when nothing calls for a new plan: within its
+        `replan_interval`, the same models with work, none aged, its stepped models active. A plan takes
+        milliseconds to work out over five models (every candidate is priced), as long as a decode step;
+        between those events a plan of steps changes only as time moves its estimates."""
+        if self._held is None:
+            return None
+        until, names, steps = self._held
+        if snapshot.time >= until or names != {m.name for m in work} or \
+                any(self.aging.aged(m) for m in work) or \
+                not all(snapshot.model(a.model).state.active for a in steps):
+            return None
+        prices = [self.pricing.price(snapshot, m, m.resident_layers(), a)
+                  for a, m in ((a, snapshot.model(a.model)) for a in steps)]
+        self._predicted = (snapshot.tick, {a: p[0] for a, p in zip(steps, prices)})
+        self._samples = (snapshot.tick, {a: p[1:] for a, p in zip(steps, prices)})
+        return list(steps)
+
+    def _plan(self, snapshot: Snapshot, work: list[ModelSnapshot]) -> list:
+        """The plan worked out in full (the class docstring)."""
         self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
         self._steps = {}  # predicted steps and switches at this snapshot, by (name, resident layers)

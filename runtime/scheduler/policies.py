@@ -12,6 +12,7 @@ goes more than `max_skipped_ticks + N - 1` ticks in a row without a step.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError, OutOfDeviceMemory
@@ -21,7 +22,10 @@ from .state import ModelSnapshot, Snapshot, Step
 
 @runtime_checkable
 class SchedulingPolicy(Protocol):
-    """`decide(snapshot)`: the actions of one tick, in order (it changes nothing)."""
+    """`decide(snapshot)`: the actions of one tick, in order. Optional, for a simulator: `repeats_until(snapshot)`,
+    after a decide on that snapshot that returned Steps alone, the time before which the policy returns the same
+    Steps at every tick as long as the models with work stay the same, no request arrives for another model,
+    and none ages."""
 
     def decide(self, snapshot: Snapshot) -> list: ...
 
@@ -114,6 +118,11 @@ class ExclusiveScheduling:
             actions.append(serve(dataclasses.replace(view, request=snapshot.model(nxt.name).need())))
         return actions + [Step(nxt.name)]
 
+    @staticmethod
+    def repeats_until(snapshot: Snapshot) -> float:
+        """Always (`SchedulingPolicy`): its plans read only states, work, the order of oldest requests and aging."""
+        return math.inf
+
     def __repr__(self) -> str:
         return f"ExclusiveScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks})"
 
@@ -151,6 +160,11 @@ class LruScheduling:
             brought.add(m.name)
         steps = [Step(m.name) for m in sorted(work, key=lambda m: m.name) if view.model(m.name).state.active]
         return actions + steps
+
+    @staticmethod
+    def repeats_until(snapshot: Snapshot) -> float:
+        """Always (`SchedulingPolicy`): its plans read only states, work, the order of oldest requests and aging."""
+        return math.inf
 
     def __repr__(self) -> str:
         return f"LruScheduling(max_wait_s={self.aging.max_wait_s}, max_skipped_ticks={self.aging.max_skipped_ticks})"

@@ -10,12 +10,12 @@ prices, uncorrected). Each model's bytes are the `policy.PoolView` counts of its
 `check_actions` checks every plan against them, so the budgets hold as they do live. The trace and the aging
 counters are the loop's.
 
-Fast-forward: a policy whose plans depend only on the models' states, which of them have work, the order of
-their oldest requests and the aging counters (`exclusive`, `lru`: `REPEATS_STEPS`) repeats a plan of Steps
-alone until one of those changes, so the simulator repeats such a plan without asking it again, through the
-arrivals and finished requests of the models with work, until a request arrives for a model without work,
-a stepped model runs out of work, or a waiting model would age (a test checks the runs equal). Other
-policies (`cost`, which reads time) are asked every tick.
+Fast-forward: a policy that says until when it repeats a plan of Steps alone (`repeats_until`: `exclusive` and
+`lru` always, their plans reading only the models' states, which have work, the order of their oldest
+requests and the aging counters; `cost` until it works its plan out again, `replan_s` later) gets it
+repeated without being asked, through the arrivals and finished requests of the models with work, until that
+time, a request for a model without work, a stepped model out of work, or a waiting model about to age (a
+test checks such runs equal to asking at every tick).
 """
 from __future__ import annotations
 
@@ -25,13 +25,11 @@ import types
 
 from ..errors import ConfigError
 from ..policy import Load, ModelState, ModelView, PoolView, Preempt, Resume
-from ..scheduler.policies import ExclusiveScheduling, LruScheduling, resolve
+from ..scheduler.policies import resolve
 from ..scheduler.pricing import Pricing
 from ..scheduler.state import (ARRIVAL_WINDOW_S, ModelSnapshot, SetResidency, Snapshot, Step, Unload,
                                check_actions)
 from .engine import Backlog, SimEngine, SimRequest
-
-REPEATS_STEPS = (ExclusiveScheduling, LruScheduling)
 
 
 @dataclasses.dataclass
@@ -191,9 +189,10 @@ class _Run:
             actions = check_actions(snap, policy.decide(snap))
             self.decisions += 1
             self.apply_all(snap, actions)
-            if isinstance(policy, REPEATS_STEPS) and actions and all(isinstance(a, Step) for a in actions) and \
+            repeats = getattr(policy, "repeats_until", None)
+            if callable(repeats) and actions and all(isinstance(a, Step) for a in actions) and \
                     self.with_work() == {m.name for m in snap.with_work}:
-                self.fast_forward(snap, actions)
+                self.fast_forward(snap, actions, repeats(snap))
         return SimResult(self.sim.policy_name, self.reqs, self.trace, self.steps, self.now, self.decisions,
                          self.tick, self.busy)
 
@@ -225,15 +224,15 @@ class _Run:
             self.last_step_at[n] = self.now
         self.tick += 1
 
-    def fast_forward(self, snap: Snapshot, actions) -> None:
-        """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): the
-        same models with work (a request for one of them may arrive, one of theirs may finish), none of them
-        about to age."""
+    def fast_forward(self, snap: Snapshot, actions, until: float) -> None:
+        """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): before
+        `until`, the same models with work (a request for one of them may arrive, one of theirs may finish),
+        none of them about to age."""
         aging = self.sim.policy.aging
         names = [a.model for a in actions]
         busy = {m.name for m in snap.with_work}
         waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names]
-        while self.arrive(busy):
+        while self.now < until and self.arrive(busy):
             for name, oldest in waiting:
                 waited = self.now - max(oldest, self.last_step_at.get(name, oldest))
                 if self.skipped[name] + 1 >= aging.max_skipped_ticks or waited >= aging.max_wait_s:
