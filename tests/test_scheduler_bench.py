@@ -1,7 +1,9 @@
-"""bench/scheduler_bench.py --quick: tiny models, a few seconds of arrivals per policy on the CPU. The JSON has
-every metric for every policy that ran (a policy tidal.scheduler does not resolve is "not available"), every
-policy saw the same arrivals, and the figure is written."""
+"""bench/scheduler_bench.py --quick, made by `tidal simulate --validate DIR --live` end to end: tiny models, a few
+seconds of arrivals per policy on the CPU, then the simulator's replay of it. The JSON has every metric for every
+policy that ran (a policy tidal.scheduler does not resolve is "not available"), every policy saw the same
+arrivals, the figure is written, and the validation compares every metric of every policy."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +16,13 @@ def test_quick_run_writes_every_metric_and_the_figure(tmp_path):
         import scheduler_bench
     finally:
         sys.path.remove(str(BENCH))
-    scheduler_bench.main(["--out", str(tmp_path), "--quick", "--quiet", "--duration", "1.5",
-                          "--policies", "exclusive,lru,cost"])
-    doc = json.loads((tmp_path / "scheduler.json").read_text())
-    png = tmp_path / "scheduler.png"
+    run, val = tmp_path / "run", tmp_path / "val"
+    r = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--validate", str(run), "--live",
+                        "--quick --quiet --duration 1.5", "--out", str(val)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "median relative error" in r.stdout
+    doc = json.loads((run / "scheduler.json").read_text())
+    png = run / "scheduler.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert {"command", "date", "machine", "settings", "arrivals"} <= set(doc)
     assert set(doc["workloads"]) == {"copay", "nopay"}
@@ -43,10 +48,10 @@ def test_quick_run_writes_every_metric_and_the_figure(tmp_path):
                 assert r["switches"]["Preempt"] >= 1  # one model on the device at a time
             assert r["bytes_moved"]["total_switching"] > 0 and isinstance(r["residency_changes"], int)
             assert [q["arrival_s"] for q in r["requests_detail"]] == [a["t"] for a in w["arrivals"]]
-    # the simulator replays the same run (`tidal simulate --validate`): every policy, every metric compared
-    from tidal.simulate.validate import METRICS, validate
+    # the simulator replayed the same run: every policy, every metric compared
+    from tidal.simulate.validate import METRICS
 
-    v = validate(tmp_path)
+    v = json.loads((val / "validation.json").read_text())
     assert set(v["workloads"]) == {"copay", "nopay"} and v["median_error"] is not None
     for w in v["workloads"].values():
         assert set(w["policies"]) == {"exclusive", "lru", "cost"}

@@ -87,6 +87,40 @@ def test_co_resident_models_grow_into_room_and_keep_residencies_that_are_good_en
     assert decide(CostScheduling(), now) == [Step("a"), Step("b")]
 
 
+def test_a_plan_of_steps_is_held_until_its_interval_passes_or_an_event():
+    """After a plan of steps alone the policy repeats it, with its predictions, without working it out again,
+    until a tenth of the tightest TTFT SLO has passed, the models with work change, one ages, or a stepped
+    model is no longer active; `repeats_until` says until when."""
+    cms = {n: cost_model(reload=2.0) for n in "ab"}
+    a, b = model("a", ttft=0.5, last=1), model("b", ttft=1.0)
+    s = snap(a, b, device=200, cms=cms)
+    policy = CostScheduling()
+    steps = decide(policy, s)
+    assert steps == [Step("a"), Step("b")] and policy.replan_interval(s.with_work) == pytest.approx(0.05)
+    assert policy.repeats_until(s) == pytest.approx(s.time + 0.05)
+    policy._plan = lambda *_: pytest.fail("worked out again while the plan holds")
+    later = dataclasses.replace(s, time=s.time + 0.04, tick=1)
+    assert decide(policy, later) == steps and policy.predict(later, Step("a")) == policy.cost(later, a, L, Step("a"))
+    soon = s.time + 0.01  # within the interval: only the event calls for a new plan
+    events = {"the interval has passed": dataclasses.replace(s, time=s.time + 0.05),
+              "another model has work": snap(a, model("b", ttft=1.0, in_flight=0), model("c", S.PREEMPTED_HOST,
+                                             ttft=1.0), device=200, cms=cms | {"c": cost_model()}),
+              "b has aged": snap(a, model("b", ttft=1.0, skipped=40), device=200, cms=cms),
+              "b has left the device": snap(a, model("b", S.PREEMPTED_HOST, ttft=1.0), device=200, cms=cms)}
+    for why, changed in events.items():
+        fresh, calls = CostScheduling(), []
+        assert decide(fresh, s) == steps
+        plan = fresh._plan
+        fresh._plan = lambda *args, plan=plan: calls.append(1) or plan(*args)
+        decide(fresh, changed if why == "the interval has passed" else dataclasses.replace(changed, time=soon))
+        assert calls == [1], why
+    always = CostScheduling(replan_s=0)
+    decide(always, s)
+    assert always.repeats_until(s) == s.time  # replan_s=0: a plan at every tick
+    with pytest.raises(ConfigError, match="replan_s"):
+        CostScheduling(replan_s=-1)
+
+
 def test_residencies_stay_when_the_moves_cost_more_than_the_round_saves():
     # a layer copies in 0.2 s (reload 2 s); growing saves 0.6 ms a token, 60 ms over the 100 queued tokens
     s = snap(model("a", fraction=0.3, last=1), model("b", fraction=0.3), device=200)

@@ -244,6 +244,12 @@ def test_the_command_on_a_real_profile(tmp_path):
     assert bad.returncode != 0 and "duration" in bad.stderr
 
 
+def test_live_without_validate_is_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--workload", "rate=1,duration=1", "--live",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "--live makes the live run for --validate" in r.stderr
+
+
 def test_gpu_shapes_match_the_published_parameter_counts():
     from tidal.presets import PRESETS
     from tidal.simulate.shapes import cost_model, gpu_model, shape

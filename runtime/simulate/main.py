@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
     src.add_argument("--validate", metavar="RUN_DIR", help="replay a live run of bench/scheduler_bench.py (its "
                      "scheduler.json: arrivals, budgets, engine settings, profiles) and compare; writes "
                      "OUT/validation.json")
+    p.add_argument("--live", nargs="?", const="", metavar="BENCH_ARGS", help="with --validate: make the live run "
+                   "first, into RUN_DIR (the repository's bench/scheduler_bench.py with the exclusive, lru and cost "
+                   "policies, and these arguments of its own, e.g. \"--workloads nopay --seed 1 --link 0.18\")")
     p.add_argument("--profile", action="append", default=[], metavar="NAME=PROFILE",
                    help="a model and its profile.json (repeat; the first is the most popular)")
     p.add_argument("--policy", default="all", help=f"{', '.join(POLICIES)} or all (default)")
@@ -75,9 +78,13 @@ def simulate_command(args) -> int:
     from .report import simulate, table
 
     out = Path(args.out)
+    if args.live is not None and not args.validate:
+        raise ConfigError("--live makes the live run for --validate RUN_DIR; give --validate")
     if args.validate:
         from . import validate
 
+        if args.live is not None:
+            validate.run_live(args.validate, args.live)
         doc = validate.validate(args.validate)
         out.mkdir(parents=True, exist_ok=True)
         (out / "validation.json").write_text(json.dumps(doc, indent=1))

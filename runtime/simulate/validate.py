@@ -1,11 +1,15 @@
 """The simulator against a live run (`validate`): the same workload (the live run's own arrivals, lengths,
 budgets, engine settings, and the profiles its cost policy was given) replayed in the simulator, each policy's
 metrics compared with the live ones. The live run is `bench/scheduler_bench.py`'s output directory (its
-scheduler.json): real engines through `tidal.Scheduler` behind the CPU backend's emulated link."""
+scheduler.json): real engines through `tidal.Scheduler` behind the CPU backend's emulated link, made beforehand
+or by `run_live` (`tidal simulate --validate DIR --live`)."""
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -19,6 +23,21 @@ def _rel(sim: float | None, live: float | None) -> float | None:
     if sim is None or live is None:
         return None
     return abs(sim - live) / live if live else (0.0 if sim == live else None)
+
+
+def run_live(run_dir, bench_args: str = "") -> None:
+    """The live run `validate` compares with, made now: the repository's bench/scheduler_bench.py with the
+    scheduler's three policies into `run_dir`, `bench_args` passed on (its own options: --workloads, --seed,
+    --duration, --link, --quick, ...). ConfigError when the bench is not beside the package (an installed wheel
+    has no bench/) or the run fails."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "scheduler_bench.py"
+    if not bench.is_file():
+        raise ConfigError(f"--live runs {bench}, which is not there: validate from a checkout of tidal's repository, "
+                          "or give --validate the directory of a run made there")
+    cmd = [sys.executable, str(bench), "--out", str(run_dir), "--policies", ",".join(POLICIES), *shlex.split(bench_args)]
+    print("live run: " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise ConfigError(f"the live run failed: {' '.join(cmd)}")
 
 
 def validate(run_dir) -> dict:
