@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scheduler_workload as W
 import tidal
+from tidal.simulate.figures import LEGEND, draw_timeline, segments
 
 METRICS = ("requests", "finished", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "slo_attainment",
            "goodput_rps", "throughput_rps", "throughput_tok_s", "switches", "residency_changes", "bytes_moved")
@@ -179,28 +180,6 @@ def table(doc: dict) -> list[str]:
     return lines
 
 
-COLORS = {"active": "tab:green", "host": "tab:orange", "disk": "tab:red"}
-
-
-def segments(r: dict, models) -> dict:
-    """Per model: [(start, end, state, fraction)] from the trace (times on the arrival clock)."""
-    off, end = r["trace_offset_s"], r["span_s"]
-    out, cur = {m: [] for m in models}, {m: None for m in models}
-    loaded = r.get("resident_fractions") or {}
-    for e in r["trace"]:
-        t, m, a = e["time"] - off, e["model"], e["action"]
-        state = {"Load": ("active", loaded.get(m, 1.0)), "Resume": ("active", 1.0), "Unload": None,
-                 "Preempt": (e["args"].get("weights"), 1.0),
-                 "SetResidency": ("active", e["args"].get("fraction", 1.0))}.get(a, cur[m] and cur[m][1:])
-        if cur[m] is not None:
-            out[m].append((cur[m][0], t, *cur[m][1:]))
-        cur[m] = None if state is None else (t, *state)
-    for m in models:
-        if cur[m] is not None:
-            out[m].append((cur[m][0], end, *cur[m][1:]))
-    return out
-
-
 def figure(doc: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -214,21 +193,12 @@ def figure(doc: dict, path: Path) -> None:
     for i, (wn, p, r) in enumerate(rows):
         ax = fig.add_subplot(gs[i, :])
         models = [m["name"] for m in doc["workloads"][wn]["models"]]
-        for j, m in enumerate(models):
-            for a, b, state, frac in segments(r, models)[m]:
-                ax.broken_barh([(a, max(b - a, 1e-3))], (j - 0.4, 0.8), color=COLORS.get(state, "grey"),
-                               alpha=0.35 + 0.55 * frac)
-            steps = r["step_times"].get(m, [])
-            ax.plot(np.array(steps) - r["trace_offset_s"], [j] * len(steps), "|", color="k", ms=6, alpha=0.3,
-                    rasterized=True)
-        arr = doc["workloads"][wn]["arrivals"]
-        ax.plot([a["t"] for a in arr], [models.index(a["model"]) + 0.45 for a in arr], "v", color="tab:blue",
-                ms=3)
-        ax.set_yticks(range(len(models)), models)
-        ax.set_ylim(-0.6, len(models) - 0.4)
-        ax.set_title(f"{wn} / {p}: green active (lighter: partly resident), orange preempted to host, red to "
-                     f"disk; | steps, v arrivals; SLO attainment {_f(r['slo_attainment'])}", fontsize=8,
-                     loc="left")
+        off = r["trace_offset_s"]
+        segs = segments(r["trace"], models, r["span_s"], r.get("resident_fractions"), offset=off)
+        draw_timeline(ax, models, segs, {m: [t - off for t in r["step_times"].get(m, [])] for m in models},
+                      [(a["t"], a["model"]) for a in doc["workloads"][wn]["arrivals"]])
+        ax.set_title(f"{wn} / {p}: {LEGEND}; | steps, v arrivals; SLO attainment {_f(r['slo_attainment'])}",
+                     fontsize=8, loc="left")
         if i == len(rows) - 1:
             ax.set_xlabel("seconds since the first arrival could come")
     for k, wn in enumerate(doc["workloads"]):

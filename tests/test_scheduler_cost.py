@@ -3,6 +3,7 @@ reload is dear and offload mild, time-slicing where offload is severe and a relo
 its predictions, and the budgets over a seeded random set of snapshots."""
 import dataclasses
 import itertools
+import math
 import random
 
 import pytest
@@ -119,6 +120,50 @@ def test_a_plan_of_steps_is_held_until_its_interval_passes_or_an_event():
     assert always.repeats_until(s) == s.time  # replan_s=0: a plan at every tick
     with pytest.raises(ConfigError, match="replan_s"):
         CostScheduling(replan_s=-1)
+
+
+def test_greedy_hands_out_layers_as_one_at_a_time_would_for_any_room():
+    """`greedy` walks `greedy_order` (made once, for every room) and must give what handing out one layer at a
+    time to the best fitting offer gives, ties and blocked models included, on random convex and non-convex
+    steps, ring sizes and rooms."""
+    from tidal.scheduler.plans import greedy, greedy_order
+
+    def one_at_a_time(step, work, lo, room):
+        resident = dict(lo)
+        while True:
+            best = None
+            for m in work:
+                r = resident[m.name]
+                extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r) if r < m.num_layers else None
+                if extra is None or extra > room:
+                    continue
+                gain = step(m, r) - step(m, r + 1)
+                key = (gain / extra if extra > 0 else math.inf, gain, m.name)
+                if best is None or key > best[0]:
+                    best = (key, m, extra)
+            if best is None:
+                return resident
+            resident[best[1].name] += 1
+            room -= best[2]
+
+    rng = random.Random(7)
+    for _ in range(300):
+        work = []
+        for name in rng.sample("abcdef", rng.randint(1, 4)):
+            layers = rng.randint(1, 9)
+            m = dataclasses.replace(model(name), num_layers=layers, layer_bytes=rng.choice([W, 2 * W]),
+                                    ring_slots=rng.randint(1, 3))
+            work.append(m)
+        # mostly shrinking, some not; small integers, so that many offers tie and the name decides
+        costs = {m.name: sorted((rng.randint(0, 4) for _ in range(m.num_layers + 1)), reverse=rng.random() < 0.8)
+                 for m in work}
+        step = lambda m, r: costs[m.name][r]  # noqa: E731
+        lo = {m.name: rng.randint(0, m.num_layers) for m in work}
+        order = greedy_order(step, work, lo)
+        assert len(order) == sum(m.num_layers - lo[m.name] for m in work)
+        for room in (0, W, 3 * W, rng.randint(0, 20 * W), 10 ** 9, -1):
+            assert greedy(step, work, lo, room, order) == greedy(step, work, lo, room) == \
+                one_at_a_time(step, work, lo, room), (room, lo)
 
 
 def test_residencies_stay_when_the_moves_cost_more_than_the_round_saves():

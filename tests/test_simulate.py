@@ -239,9 +239,26 @@ def test_the_command_on_a_real_profile(tmp_path):
         assert row["requests"] == doc["workload"]["count"] == row["finished"]
         assert {"ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "slo_attainment", "goodput_rps", "switches"} <= set(row)
     assert len(doc["rates"]["slo_attainment"]["lru"]) == 2 and (out / "rates.png").exists()
+    png = (out / "timeline.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     bad = subprocess.run([sys.executable, "-m", "tidal", "simulate", "--workload", "rate=4", "--profile",
                           f"a={path}", "--device-budget", "1GiB", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "duration" in bad.stderr
+
+
+def test_timeline_segments_from_a_trace():
+    """Which model is where, from a scheduler trace: loads at the registered fraction, residency changes, a
+    preemption keeping the fraction it left with, a resume back to it, an unload ending the segment."""
+    from tidal.simulate.figures import segments
+
+    ev = lambda t, a, m, **args: {"time": t, "action": a, "model": m, "args": args}  # noqa: E731
+    trace = [ev(1.0, "Load", "a"), ev(1.5, "Step", "a"), ev(2.0, "SetResidency", "a", fraction=0.5),
+             ev(3.0, "Preempt", "a", weights="disk", kv="swap"), ev(3.0, "Load", "b"), ev(4.0, "Resume", "a"),
+             ev(5.0, "Unload", "b"), ev(5.5, "Preempt", "a", weights="host", kv="recompute")]
+    got = segments(trace, ["a", "b", "c"], end=7.0, loaded={"b": 0.25}, offset=1.0)
+    assert got == {"a": [(0.0, 1.0, "active", 1.0), (1.0, 2.0, "active", 0.5), (2.0, 3.0, "disk", 0.5),
+                         (3.0, 4.5, "active", 0.5), (4.5, 7.0, "host", 0.5)],
+                   "b": [(2.0, 4.0, "active", 0.25)], "c": []}
 
 
 def test_live_without_validate_is_refused(tmp_path):

@@ -18,7 +18,8 @@ from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
 from .pricing import Pricing, require_cost_model
-from .plans import HORIZON_S, Estimate, Plan, due, greedy, misses, over, quanta, slice_estimate, worth_switching
+from .plans import (HORIZON_S, Estimate, Plan, due, greedy, greedy_order, misses, over, quanta, slice_estimate,
+                    worth_switching)
 from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
@@ -271,17 +272,17 @@ class CostScheduling:
 
     def _greedy(self, members: list[ModelSnapshot], lo: dict, room: float, weight: dict | None = None) -> dict:
         """`plans.greedy` over `members` with each step weighted by `weight` (name -> factor, default 1), at
-        this tick: the mixed plans' cores ask for the same co-residencies again and again."""
+        this tick: the mixed plans' cores ask for the same co-residencies again and again, in other rooms, and
+        one `greedy_order` serves them all."""
         names = tuple(sorted(m.name for m in members))
-        key = ("greedy", names, tuple(lo[n] for n in names), room,
-               tuple((weight or {}).get(n, 1.0) for n in names))
+        key = ("greedy", names, tuple(lo[n] for n in names), tuple((weight or {}).get(n, 1.0) for n in names))
         if key not in self._steps:
             if weight:
                 step = lambda m, r: weight.get(m.name, 1.0) * self._step(m, r)  # noqa: E731
             else:
                 step = self._step
-            self._steps[key] = greedy(step, members, lo, room)
-        return dict(self._steps[key])
+            self._steps[key] = greedy_order(step, members, lo)
+        return greedy(None, members, lo, room, self._steps[key])
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""

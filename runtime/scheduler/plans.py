@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import os
 from ..errors import ConfigError, StateError
@@ -101,28 +102,47 @@ class Plan:
         self.actions.append(action)
 
 
-def greedy(step, work, lo: dict, room: float) -> dict:
+def greedy(step, work, lo: dict, room: float, order: list | None = None) -> dict:
     """Resident layers per model, from `lo`: one layer at a time to the model whose predicted step (`step(m, r)`)
-    shrinks most per device byte, while it fits `room` (the step is convex in the streamed layers)."""
-    resident = dict(lo)
+    shrinks most per device byte, while it fits `room` (the step is convex in the streamed layers). A model
+    whose next layer does not fit takes no more. `order`: `greedy_order(step, work, lo)`, when already made."""
+    resident, blocked = dict(lo), set()
+    for name, extra in order if order is not None else greedy_order(step, work, lo):
+        if name in blocked:
+            continue
+        if extra > room:
+            blocked.add(name)  # the room only shrinks: its next layer never fits
+            continue
+        resident[name] += 1
+        room -= extra
+    return resident
 
-    def offer(m):  # m's next layer: (its gain per byte, gain, name) and its bytes; None when it has them all
-        r = resident[m.name]
-        if r >= m.num_layers:
-            return None
+
+def greedy_order(step, work, lo: dict) -> list[tuple[str, int]]:
+    """The layers `greedy` hands out from `lo` with room to spare, in its order: (model, device bytes) each,
+    the next layer of whichever model gains most per byte (then most, then the latest name) first. The order
+    does not depend on the room, so one order serves every room (`greedy`'s blocked models only drop out)."""
+    rank = {m.name: i for i, m in enumerate(sorted(work, key=lambda m: m.name, reverse=True))}
+
+    def offer(m, r):  # m's layer r + 1: the heap's key (smallest first), and the layer's bytes
         extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
         gain = step(m, r) - step(m, r + 1)
-        return (gain / extra if extra > 0 else math.inf, gain, m.name), extra, m
+        return (-(gain / extra) if extra > 0 else -math.inf, -gain, rank[m.name]), extra
 
-    offers = {m.name: offer(m) for m in work}  # only the model that took a layer has a new offer
-    while True:
-        fit = [o for o in offers.values() if o is not None and o[1] <= room]
-        if not fit:
-            return resident
-        _, extra, m = max(fit, key=lambda o: o[0])
-        resident[m.name] += 1
-        room -= extra
-        offers[m.name] = offer(m)
+    heap = []
+    for m in work:
+        if lo[m.name] < m.num_layers:
+            key, extra = offer(m, lo[m.name])
+            heap.append((key, lo[m.name], extra, m))
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        _, r, extra, m = heapq.heappop(heap)
+        out.append((m.name, extra))
+        if r + 1 < m.num_layers:
+            key, nxt = offer(m, r + 1)
+            heapq.heappush(heap, (key, r + 1, nxt, m))
+    return out
 
 
 def worth_switching(work, now, alt) -> bool:

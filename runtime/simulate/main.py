@@ -1,6 +1,6 @@
 """`tidal simulate`: the command's parser (`add_parser`) and `simulate(...)`, which runs each policy over the
-same workload on simulated engines and writes `simulate.json` (and, with `--rates`, SLO attainment against
-request rate)."""
+same workload on simulated engines and writes `simulate.json`, `timeline.png` (which model is where, per
+policy) and, with `--rates`, SLO attainment against request rate (`rates.png`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         "simulate", help="replay a workload through the scheduler's policies on simulated engines",
         description="Run tidal's scheduling policies (the very objects the live scheduler runs) over a workload "
         "on simulated engines whose step, preemption, resume and residency-change times come from each model's "
-        "profile (`tidal profile`). Writes OUT/simulate.json. See docs/SCHEDULING.md.")
+        "profile (`tidal profile`). Writes OUT/simulate.json and OUT/timeline.png. See docs/SCHEDULING.md.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workload", metavar="SPEC", help="a synthetic workload: rate=10,cv=1,zipf=1.1,duration=3600,"
                      "seed=0 (and prompt_mean, prompt_sigma, output_mean, output_sigma, prompt_max, output_max, "
@@ -73,7 +73,7 @@ def parse_slos(values, names) -> dict:
 
 
 def simulate_command(args) -> int:
-    from . import workload as wl
+    from . import figures, workload as wl
     from .engine import SimModelConfig
     from .report import simulate, table
 
@@ -130,24 +130,8 @@ def simulate_command(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(json.dumps(doc, indent=1))
     print(table(doc))
+    figures.timeline_figure(doc, out / "timeline.png")
     if args.rates:
-        _rates_figure(doc, out / "rates.png")
-    print(f"wrote {out / 'simulate.json'}")
+        figures.rates_figure(doc, out / "rates.png")
+    print(f"wrote {out / 'simulate.json'} and the figures beside it")
     return 0
-
-
-def _rates_figure(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rates = doc["rates"]["rates"]
-    for p, ys in doc["rates"]["slo_attainment"].items():
-        ax.plot(rates, ys, marker="o", label=p)
-    ax.set(xlabel="requests / s", ylabel="SLO attainment", ylim=(0, 1.02), title="tidal simulate")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

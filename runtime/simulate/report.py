@@ -19,7 +19,8 @@ def simulate(models, trace, policies, device_budget, host_budget=None, **aging) 
            "workload": wl.summary(trace), "device_budget": device_budget, "host_budget": host_budget,
            "models": [{"name": m.name, "num_layers": m.num_layers, "layer_bytes": m.layer_bytes,
                        "top_bytes": m.top_bytes, "kv_cache_bytes": m.kv_cache_bytes, "slo_ttft_s": m.slo_ttft_s,
-                       "slo_tpot_s": m.slo_tpot_s} for m in models], "policies": {}}
+                       "slo_tpot_s": m.slo_tpot_s, "resident_fraction": m.resident_fraction} for m in models],
+           "policies": {}}
     for policy in policies:
         t = time.perf_counter()
         result = Simulator(models, policy, device_budget, host_budget, **aging).run(trace)
@@ -38,7 +39,8 @@ def simulate(models, trace, policies, device_budget, host_budget=None, **aging) 
                     "residency_changes": kinds.count("SetResidency"), "steps": sum(result.steps.values()),
                     "bytes_moved": moved, "device_utilisation": result.busy_s / max(result.end_s - start, 1e-9),
                     "engine_preemptions": sum(r.engine_preemptions for r in result.requests),
-                    "decisions": result.decisions, "ticks": result.ticks, "wall_s": round(wall, 3),
+                    "decisions": result.decisions, "ticks": result.ticks, "end_s": result.end_s,
+                    "wall_s": round(wall, 3),
                     "timeline": [{k: e[k] for k in ("time", "action", "model", "args")} for e in result.trace]})
         doc["policies"][policy] = row
     return doc
