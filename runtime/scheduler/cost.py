@@ -18,8 +18,8 @@ from ..errors import ConfigError, OutOfDeviceMemory, StateError
 from ..policy import Load, ModelState, Preempt, Resume
 from .policies import POLICIES, Aging, ExclusiveScheduling, evict
 from .pricing import Pricing, require_cost_model
-from .plans import (HORIZON_S, Estimate, Plan, due, greedy, greedy_order, misses, over, quanta, slice_estimate,
-                    worth_switching)
+from .plans import (HORIZON_S, Estimate, Plan, due, greedy, greedy_order, layer_offers, misses, over, quanta,
+                    slice_estimate, worth_switching)
 from .state import ModelSnapshot, SetResidency, Snapshot, Step
 
 REBALANCE = 0.05  # residencies of models already co-resident change only for a predicted round this much shorter
@@ -104,6 +104,7 @@ class CostScheduling:
         self._fallback = ExclusiveScheduling(max_wait_s, max_skipped_ticks)
         self._cms: dict = {}  # name -> CostModel of the models with work, at the tick being decided
         self._steps: dict = {}  # `_step`'s and `_switch_cost`'s predictions at that tick
+        self._rank: dict = {}  # name -> its place among the snapshot's models by name, latest first (greedy ties)
         self._predicted: tuple[int, dict] = (-1, {})  # (tick, action -> seconds) of the last plan chosen
         self._samples: tuple[int, dict] = (-1, {})  # (tick, action -> (uncorrected seconds, kind)) of that plan
         self.last_estimates: list[Estimate] = []  # of the last decide, the chosen one first
@@ -193,6 +194,7 @@ class CostScheduling:
         self._cms = {m.name: cm for m in snapshot.models if getattr(cm := snapshot.cost_models.get(m.name), "step", None)}
         self._cms |= {m.name: require_cost_model(snapshot, m) for m in work}
         self._steps = {}  # predicted steps and switches at this snapshot, by (name, resident layers)
+        self._rank = {n: i for i, n in enumerate(sorted((m.name for m in snapshot.models), reverse=True))}
         aged = [m for m in self.aging.order(work) if self.aging.aged(m)]
         pinned = self._pinned(snapshot, work, aged)
         mixed = sorted(self._unpinned(self._mixed(snapshot, work, aged), pinned), key=lambda p: p[0].key())
@@ -274,15 +276,22 @@ class CostScheduling:
         """`plans.greedy` over `members` with each step weighted by `weight` (name -> factor, default 1), at
         this tick: the mixed plans' cores ask for the same co-residencies again and again, in other rooms, and
         one `greedy_order` serves them all."""
+        weight = weight or {}
         names = tuple(sorted(m.name for m in members))
-        key = ("greedy", names, tuple(lo[n] for n in names), tuple((weight or {}).get(n, 1.0) for n in names))
+        key = ("greedy", names, tuple(lo[n] for n in names), tuple(weight.get(n, 1.0) for n in names))
         if key not in self._steps:
-            if weight:
-                step = lambda m, r: weight.get(m.name, 1.0) * self._step(m, r)  # noqa: E731
-            else:
-                step = self._step
-            self._steps[key] = greedy_order(step, members, lo)
+            self._steps[key] = greedy_order(None, members, lo, lambda m: self._offers(m, lo[m.name],
+                                                                                   weight.get(m.name, 1.0)))
         return greedy(None, members, lo, room, self._steps[key])
+
+    def _offers(self, m: ModelSnapshot, resident: int, weight: float) -> list:
+        """`plans.layer_offers` of `m` from `resident` layers, its steps weighted by `weight`, at this tick (the
+        same in every set of models it is ordered with; ranked by name among all the snapshot's models)."""
+        key = ("offers", m.name, resident, weight)
+        if key not in self._steps:
+            step = (lambda x, r: weight * self._step(x, r)) if weight != 1.0 else self._step
+            self._steps[key] = layer_offers(step, m, resident, self._rank[m.name])
+        return self._steps[key]
 
     def _alone(self, snapshot: Snapshot, m: ModelSnapshot) -> int:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import itertools
 import math
 import os
 from ..errors import ConfigError, StateError
@@ -118,30 +118,36 @@ def greedy(step, work, lo: dict, room: float, order: list | None = None) -> dict
     return resident
 
 
-def greedy_order(step, work, lo: dict) -> list[tuple[str, int]]:
+def greedy_order(step, work, lo: dict, offers=None) -> list[tuple[str, int]]:
     """The layers `greedy` hands out from `lo` with room to spare, in its order: (model, device bytes) each,
     the next layer of whichever model gains most per byte (then most, then the latest name) first. The order
-    does not depend on the room, so one order serves every room (`greedy`'s blocked models only drop out)."""
-    rank = {m.name: i for i, m in enumerate(sorted(work, key=lambda m: m.name, reverse=True))}
+    does not depend on the room, so one order serves every room (`greedy`'s blocked models only drop out).
+    `offers(m)`: `layer_offers(step, m, lo[m.name], rank)` with ranks comparable across `work`, when made
+    already (each model's are the same in every set of models it is ordered with)."""
+    if offers is None:
+        rank = {m.name: i for i, m in enumerate(sorted(work, key=lambda m: m.name, reverse=True))}
+        offers = lambda m: layer_offers(step, m, lo[m.name], rank[m.name])  # noqa: E731
+    # each model's runs come in rising keys, and no two models' keys are equal: taking the best next layer
+    # each time is sorting the runs
+    return [(name, extra) for _, name, extras in sorted(itertools.chain.from_iterable(offers(m) for m in work))
+            for extra in extras]
 
-    def offer(m, r):  # m's layer r + 1: the heap's key (smallest first), and the layer's bytes
+
+def layer_offers(step, m, resident: int, rank: int) -> list[tuple]:
+    """`m`'s layers from `resident` + 1 on, in runs (key, name, the layers' device bytes), keys rising: a layer
+    is keyed by how `greedy_order` chooses (smallest first: the most gain per byte, then the most gain, then
+    the lowest `rank`), and a layer keyed no worse than the one that starts its run is taken right after it (it
+    beats every other model's next layer as that one did), so it joins the run (for a step convex in the
+    streamed layers every run is one layer but for the ring's last, free, layers)."""
+    out = []
+    for r in range(resident, m.num_layers):
         extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
         gain = step(m, r) - step(m, r + 1)
-        return (-(gain / extra) if extra > 0 else -math.inf, -gain, rank[m.name]), extra
-
-    heap = []
-    for m in work:
-        if lo[m.name] < m.num_layers:
-            key, extra = offer(m, lo[m.name])
-            heap.append((key, lo[m.name], extra, m))
-    heapq.heapify(heap)
-    out = []
-    while heap:
-        _, r, extra, m = heapq.heappop(heap)
-        out.append((m.name, extra))
-        if r + 1 < m.num_layers:
-            key, nxt = offer(m, r + 1)
-            heapq.heappush(heap, (key, r + 1, nxt, m))
+        key = (-(gain / extra) if extra > 0 else -math.inf, -gain, rank)
+        if out and key <= out[-1][0]:
+            out[-1][2].append(extra)
+        else:
+            out.append((key, m.name, [extra]))
     return out
 
 
