@@ -341,3 +341,33 @@ def test_transfer_sample_and_fit_validation():
         m.predict_step(L, 0, 1)
     with pytest.raises(ConfigError, match="r0"):
         RecomputeFit(-1.0, None, None, 1)
+
+
+def test_seconds_all_is_seconds_at_every_residency():
+    """`StepFit.seconds_all` (one validation for a model's every residency, which the cost policy asks for)
+    equals `seconds` at each, with None where `seconds` raises for want of a streaming fit; and the cost
+    policy's `Pricing.steps` equals `Pricing.step` at each."""
+    from tidal.policy import ModelState, ModelView
+    from tidal.scheduler.pricing import Pricing
+    from tidal.scheduler.state import ModelSnapshot
+
+    rng = random.Random(3)
+    for _ in range(50):
+        layers = rng.randint(1, 40)
+        fit = StepFit(layers, rng.randint(1, 10 ** 7), rng.random() * 0.01, rng.random() * 1e-3,
+                      rng.choice([None, rng.random() * 1e-6]), rng.uniform(1e8, 1e11), rng.random() * 1e-4, 5)
+        batch, context = rng.randint(1, 64), rng.randint(0, 4096)
+        assert fit.seconds_all(batch, context) == [fit.seconds(r, batch, context) for r in range(layers + 1)]
+        cm = CostModel(fit, (), None)
+        view = ModelView("m", ModelState.ACTIVE, 0, 0, 0, 0)
+        m = ModelSnapshot(view, 1.0, rng.randint(0, 5), rng.randint(0, 5), context=context, num_layers=layers,
+                          layer_bytes=fit.layer_bytes)
+        pricing = Pricing()
+        pricing.correction.observe("m", "step_streamed", 1.0, 1.5)  # a correction for streamed steps only
+        assert pricing.steps(cm, m) == [pricing.step(cm, m, r) for r in range(layers + 1)]
+    resident_only = StepFit(3, 100, 0.01, None, None, None, None, 2)
+    assert resident_only.seconds_all(1, 0) == [None, None, None, 0.01]
+    with pytest.raises(ConfigError, match="streamed layers"):
+        resident_only.seconds(2, 1, 0)
+    with pytest.raises(ConfigError, match="all-resident"):
+        StepFit(3, 100, None, None, None, 1e9, 0.0, 2).seconds_all(1, 0)

@@ -49,12 +49,22 @@ class StepFit:
         check_int("context", context, 0)
         t0 = self.t0(batch, context)
         s = self.num_layers - resident_layers
-        if s == 0:
-            return t0
-        if self.stream_bandwidth is None or self.stream_overhead is None:
+        if s and (self.stream_bandwidth is None or self.stream_overhead is None):
             raise ConfigError(f"decode step with {s} streamed layers: no decode sample with streamed layers "
                               "was measured, so the streaming bandwidth and overhead are unknown")
-        return max(t0, s * self.layer_bytes / self.stream_bandwidth) + s * self.stream_overhead
+        return self._streamed(t0, s)
+
+    def seconds_all(self, batch: int, context: int) -> list[float | None]:
+        """`seconds` at every residency, 0 to num_layers resident layers, from one validation (None where it
+        would raise: streamed layers without a streaming fit)."""
+        check_int("batch", batch, 1)
+        check_int("context", context, 0)
+        t0, streams = self.t0(batch, context), self.stream_bandwidth is not None and self.stream_overhead is not None
+        return [self._streamed(t0, s) if streams or not s else None for s in range(self.num_layers, -1, -1)]
+
+    def _streamed(self, t0: float, s: int) -> float:
+        """The step with `s` streamed layers (the class docstring's formula; s = 0: T0)."""
+        return t0 if s == 0 else max(t0, s * self.layer_bytes / self.stream_bandwidth) + s * self.stream_overhead
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

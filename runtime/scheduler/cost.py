@@ -241,8 +241,9 @@ class CostScheduling:
 
     def _step(self, m: ModelSnapshot, resident: int) -> float:
         key = (m.name, resident)  # the greedy asks for the same steps again and again within a decide
-        if key not in self._steps:
-            self._steps[key] = self.pricing.step(self._cms[m.name], m, resident)
+        if key not in self._steps:  # and for every residency of a model: predicted at once
+            for r, seconds in enumerate(self.pricing.steps(self._cms[m.name], m)):
+                self._steps[(m.name, r)] = seconds
         return self._steps[key]
 
     def _evict(self, plan: Plan, m: ModelSnapshot, reserve_host: int = 0) -> None:

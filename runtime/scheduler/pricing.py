@@ -57,6 +57,17 @@ class Pricing:
         step = Step(m.name)
         return self._scaled(m.name, self.sample_kind(m, resident, step), self._raw(cm, m, resident, step))
 
+    def steps(self, cm, m: ModelSnapshot) -> list[float | None]:
+        """`step` at every residency of `m`, 0 to its cost model's layers resident, from one prediction call."""
+        step = Step(m.name)
+        if getattr(cm, "step", None) is None:
+            return [None] * (m.num_layers + 1)
+        try:
+            raw = cm.step.seconds_all(max(1, m.queued + m.in_flight), m.context)
+        except ConfigError:
+            raw = [None] * (cm.step.num_layers + 1)
+        return [self._scaled(m.name, self.sample_kind(m, r, step), x) for r, x in enumerate(raw)]
+
     @staticmethod
     def sample_kind(m: ModelSnapshot, resident: int, action) -> str | None:
         """The correction's kind of `action` (None: not corrected)."""
