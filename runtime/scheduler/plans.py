@@ -139,10 +139,11 @@ def layer_offers(step, m, resident: int, rank: int) -> list[tuple]:
     the lowest `rank`), and a layer keyed no worse than the one that starts its run is taken right after it (it
     beats every other model's next layer as that one did), so it joins the run (for a step convex in the
     streamed layers every run is one layer but for the ring's last, free, layers)."""
-    out = []
+    out, size, seconds = [], m.layer_device_bytes(resident), step(m, resident)
     for r in range(resident, m.num_layers):
-        extra = m.layer_device_bytes(r + 1) - m.layer_device_bytes(r)
-        gain = step(m, r) - step(m, r + 1)
+        size_next, seconds_next = m.layer_device_bytes(r + 1), step(m, r + 1)
+        extra, gain = size_next - size, seconds - seconds_next
+        size, seconds = size_next, seconds_next
         key = (-(gain / extra) if extra > 0 else -math.inf, -gain, rank)
         if out and key <= out[-1][0]:
             out[-1][2].append(extra)
