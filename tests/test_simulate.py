@@ -126,6 +126,22 @@ def test_fast_forward_changes_nothing(policy, rate):
     assert fast.trace == slow.trace and fast.steps == slow.steps
 
 
+def test_a_policy_of_its_own_that_repeats_its_steps_and_has_no_aging():
+    class Steady:  # steps every active model with work, brings nothing in but by lru's rules; no aging
+        inner = LruScheduling(max_wait_s=1e9, max_skipped_ticks=10 ** 9)
+
+        def decide(self, snap):
+            return self.inner.decide(snap)
+
+        def repeats_until(self, snap):
+            return float("inf")
+
+    models = [config(n) for n in "ab"]
+    trace = [t for t in _trace(seed=4) if t.model != "c"][:30]
+    result = Simulator(models, Steady(), device_budget=int(1.5 * models[0].device_bytes(L))).run(trace)
+    assert all(r.done for r in result.requests) and result.decisions < result.ticks
+
+
 @pytest.mark.parametrize("policy", ["exclusive", "cost"])
 def test_snapshot_aggregates_match_a_count_over_every_request(policy, monkeypatch):
     """The snapshot's per-model aggregates come from running sums (so a tick costs the same beside long queues):

@@ -228,10 +228,11 @@ class _Run:
         """Repeat a plan of Steps alone while nothing the policy reads changes (see the module docstring): before
         `until`, the same models with work (a request for one of them may arrive, one of theirs may finish),
         none of them about to age."""
-        aging = self.sim.policy.aging
+        aging = getattr(self.sim.policy, "aging", None)  # a policy without aging has nothing to age
         names = [a.model for a in actions]
         busy = {m.name for m in snap.with_work}
-        waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names]
+        waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names] \
+            if aging is not None else []
         while self.now < until and self.arrive(busy):
             for name, oldest in waiting:
                 waited = self.now - max(oldest, self.last_step_at.get(name, oldest))
