@@ -73,6 +73,30 @@ def profile_for(path, link, out: Path, log, quick: bool = False) -> str | None:
     return str(dest / "profile.json")
 
 
+def slo_scale(spec: str, w, link, link_spec: str) -> tuple[float, float]:
+    """(TTFT, TPOT) factors of the workload's SLOs: `spec` one number for both, or two ("TTFT,TPOT"), or "auto":
+    the workload's reference GB/s over this run's calibrated link, both (a machine that decodes 1.7x slower
+    calibrates the link 1.7x slower and gets 1.7x the SLOs)."""
+    if spec == "auto":
+        if link is None or w.reference_gbps is None or link_spec in ("none",) or _is_number(link_spec):
+            raise SystemExit(f"--slo-scale auto needs a calibrated link (a target, not {link_spec!r}) and a "
+                             f"workload with reference_gbps")
+        f = w.reference_gbps / link.gbps
+        return f, f
+    parts = [float(x) for x in spec.split(",")]
+    if len(parts) not in (1, 2) or not all(x > 0 for x in parts):
+        raise SystemExit(f"--slo-scale {spec!r}: one positive number, two (TTFT,TPOT), or auto")
+    return (parts[0], parts[-1])
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -95,12 +119,14 @@ def run(args) -> dict:
         link_spec = args.link or w.link
         link = W.make_link(link_spec, paths[big.name], kw)
         log(f"[{wname}] link: " + (f"{link.gbps:.4g} GB/s ({link.label})" if link is not None else "none"))
+        scale = slo_scale(args.slo_scale, w, link, link_spec)
+        w = w.scaled(*scale)
         foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
         budget = int(w.budget_of_sum * sum(foot.values()))
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
         rate = args.rate or w.rate
         trace = W.arrivals(w, args.duration, rate, args.seed)
-        wdoc = {**w.describe(), "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
+        wdoc = {**w.describe(), "slo_scale": list(scale), "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
                                                            "label": link.label if link else "none", "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
@@ -248,7 +274,9 @@ def main(argv=None) -> None:
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per policy (default 30, "
                     "--quick 3)")
     ap.add_argument("--rate", type=float, default=None, help="arrivals per second, for every workload (default: "
-                    "each workload's own: copay 8, nopay 6; --quick 4)")
+                    "each workload's own: copay 10, nopay 6; --quick 4)")
+    ap.add_argument("--slo-scale", default="1", help="multiply every model's SLOs: a number, TTFT,TPOT, or auto "
+                    "(the workload's reference GB/s over the calibrated link's: SLOs that scale with the machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c), "
                     "GB/s, or none (no emulation), for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")

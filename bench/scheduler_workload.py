@@ -47,6 +47,15 @@ class Workload:
     output_len: tuple = (8, 32)
     link: str = "a6000-pcie4"  # the emulated link unless --link says otherwise
     rate: float = 6.0  # arrivals per second unless --rate says otherwise
+    # GB/s `link` was calibrated to on the machine the SLOs were set on (a 2-core Intel Xeon VM, 2026-12-02):
+    # calibration scales the link with the machine's decode speed, so their ratio scales the SLOs (--slo-scale auto)
+    reference_gbps: float | None = None
+
+    def scaled(self, ttft: float, tpot: float) -> "Workload":
+        """The same workload with every model's TTFT and TPOT SLOs multiplied by `ttft` and `tpot`."""
+        return dataclasses.replace(self, models=tuple(
+            dataclasses.replace(m, slo_ttft_s=m.slo_ttft_s * ttft, slo_tpot_s=m.slo_tpot_s * tpot)
+            for m in self.models))
 
     def describe(self) -> dict:
         return {"name": self.name, "what": self.what, "default_link": self.link, "default_rate_rps": self.rate,
@@ -72,13 +81,13 @@ def workloads(quick: bool) -> dict[str, Workload]:
                  "can meet; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a decode step about "
                  "2x, a whole-model reload 8.9x the model's decode step plus its KV",
         (Model("L12", big("L12", 12), 0.15, 0.1), Model("L10", big("L10", 10), 0.15, 0.1),
-         Model("L8", big("L8", 8), 0.15, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=10.0)
+         Model("L8", big("L8", 8), 0.15, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=10.0, reference_gbps=0.6022)
     nopay = Workload(
         "nopay", "co-residency should not pay: a small, popular model (Zipf s=1.2, rank 1) whose decode "
                  "collapses when any of its layers streams behind the link, and two larger, rarer ones; the "
                  "budget holds the largest and the small one",
         (Model("S4", shape("sb-S4", 128, 4, 512), 0.3, 0.02), Model("L12", big("L12", 12), 1.0, 0.06),
-         Model("L8", big("L8", 8), 1.0, 0.06)), 0.62, 1.2)
+         Model("L8", big("L8", 8), 1.0, 0.06)), 0.62, 1.2, reference_gbps=0.1803)
     return {"copay": copay, "nopay": nopay}
 
 

@@ -58,6 +58,34 @@ def assert_adds_up(report):
     assert report.parts_seconds == pytest.approx(sum(parts), rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("kv", ["swap", "recompute"])
+def test_requests_added_while_preempted_are_prefilled_by_the_resumes_first_step(model, device, kv):
+    """A scheduler hands its queue to a preempted engine before resuming it, so that the resume's first step
+    (pipelined: while the weights arrive) prefills the new prompt: its first token is out when resume returns,
+    the recompute counts only the dropped requests, and every request's greedy tokens are unchanged."""
+    ref, path, want = model
+    with engine(path, device) as eng:
+        ids, out = engine_util.start(eng, PROMPTS[:2], NEW, STEPS_BEFORE)
+        eng.preempt(weights="host", kv=kv)
+        late = eng.add_request(PROMPTS[2], max_new_tokens=NEW)
+        out[late] = []
+        prefills = eng.counters.prefill_tokens
+        res = eng.resume(pipelined=True)
+        assert eng.counters.prefill_tokens - prefills == len(PROMPTS[2]) + \
+            (sum(len(p) + STEPS_BEFORE for p in PROMPTS[:2]) if kv == "recompute" else 0)
+        first = eng.step()  # the step resume ran ahead: the new request's first token among its outputs
+        assert [list(o.token_ids) for o in first if o.request_id == late] == [want[2][:1]]
+        collect(first, out)
+        assert finish(eng, [*ids, late], out) == want
+        assert res.time_to_first_token is not None and res.first_step_seconds > 0
+        if kv == "recompute":
+            assert res.recompute_tokens == sum(len(p) + STEPS_BEFORE for p in PROMPTS[:2])
+            assert 0 < res.recompute_seconds < res.first_step_seconds
+        else:
+            assert res.recompute_tokens == 0 and res.recompute_seconds == 0.0
+        assert_adds_up(res)
+
+
 @pytest.mark.parametrize("pipelined", [True, False])
 @pytest.mark.parametrize("kv", ["swap", "recompute"])
 @pytest.mark.parametrize("weights", ["host", "disk", "keep"])

@@ -101,6 +101,30 @@ def test_every_request_matches_a_plain_engine_within_budget(paths, reference, si
         assert sched.trace == []
 
 
+def test_a_resume_prefills_its_models_queue_while_the_weights_arrive(paths, reference, size):
+    """The loop hands a model's queued requests to its engine before resuming it: the resume's first step, its
+    copies still landing, prefills them (its report says so), and the tokens are those of the model alone."""
+    rt, sched, _ = make(paths, size, "exclusive", 1.0)
+    with rt, sched:
+        done = []
+        for name, i in (("m0", 0), ("m1", 0), ("m0", 1)):  # the budget holds one model: m0 comes back
+            p, n = PROMPTS[name][i]
+            done.append(sched.submit(name, p, max_new_tokens=n))
+            sched.run_until_idle()
+        for r in done:
+            assert r.output_ids == reference[r.model][tuple(r.prompt)], r
+        entries = sched.trace
+        at = max(i for i, e in enumerate(entries) if e["action"] == "Resume")
+        resume = entries[at]
+        assert resume["model"] == "m0" and resume["report"]["pipelined"]
+        report = resume["report"]
+        assert report["first_step_seconds"] > 0 and report["time_to_first_token"] is not None
+        assert report["recompute_tokens"] == 0 and report["weight_bytes"] > 0
+        step = entries[at + 1]  # the Step after it returns the step run ahead
+        assert step["action"] == "Step" and step["model"] == "m0"
+        assert done[2].first_token_at >= done[2].submitted_at
+
+
 def test_abort_frees_everything(paths, reference, size):
     rt, sched, _ = make(paths, size, "lru", 1.0, max_skipped_ticks=1)  # the models take turns every tick
     with rt, sched:

@@ -107,6 +107,25 @@ def test_every_request_finishes_within_the_budgets(policy):
         [(r.first_token_s, r.finished_s) for r in result.requests]
 
 
+@pytest.mark.parametrize("prompt,reload", [(7, 0.05), (100, 0.005)])  # the copy longer / the prefill longer
+def test_a_resume_prefills_its_queue_while_the_weights_arrive(prompt, reload):
+    """As the live loop's: a Resume of a model with queued requests runs its first step while the layers land,
+    so the first token is out max(copy, first layer + prefill) after the resume starts, not their sum."""
+    models = [SimModelConfig(n, cost_model(reload=reload), L, W, TOP, KVT, kv_cache_bytes=256 * KVT, block_size=4)
+              for n in "ab"]
+    trace = [TraceRequest(0.0, "a", 5, 3), TraceRequest(1.0, "b", 5, 3), TraceRequest(2.0, "a", prompt, 2)]
+    result = Simulator(models, "exclusive", device_budget=models[0].device_bytes(L)).run(trace)
+    resume = [e for e in result.trace if e["action"] == "Resume"][-1]
+    assert resume["model"] == "a"
+    copy = reload  # the whole model from the host: L * W bytes at L * W / reload bytes/s, no KV
+    prefill = 0.001 + 1e-4 * prompt  # RecomputeFit
+    expected = max(copy, copy / (L + 1) + prefill)
+    assert resume["seconds"] == pytest.approx(expected)
+    last = result.requests[2]
+    assert last.first_token_s == pytest.approx(resume["time"] + expected)
+    assert last.finished_s - last.first_token_s == pytest.approx(0.01)  # then one decode step, all resident
+
+
 @pytest.mark.parametrize("policy", ["exclusive", "lru", "cost"])
 @pytest.mark.parametrize("rate", [4.0, 12.0])
 def test_fast_forward_changes_nothing(policy, rate):

@@ -123,11 +123,12 @@ class CostScheduling:
 
     def observe(self, snapshot: Snapshot, action, measured_s: float) -> None:
         """The loop's measurement of `action`, applied at `snapshot`'s tick, as the last `decide` planned it:
-        one sample for the correction (a step that also prefilled queued requests is none)."""
+        one sample for the correction (a step or a resume that also prefilled queued requests is none: the loop
+        hands them to the engine first, and neither prediction counts their prefill)."""
         tick, samples = self._samples
         if self.correction is None or tick != snapshot.tick or action not in samples:
             return
-        if isinstance(action, Step) and snapshot.model(action.model).queued:
+        if isinstance(action, (Step, Resume)) and snapshot.model(action.model).queued:
             return
         raw, kind = samples[action]
         if kind is not None:

@@ -364,6 +364,7 @@ class Scheduler:
         elif isinstance(action, Preempt):
             return rt.preempt(name, weights=action.weights, kv=action.kv)
         elif isinstance(action, Resume):
+            self._hand(name)  # the resume's first step prefills them while the layers are still arriving
             return rt.resume(name, evict=None)[0]
         elif isinstance(action, Load):
             reg = self._models[name]
@@ -376,7 +377,8 @@ class Scheduler:
             return rt.set_residency(name, resident_fraction=action.fraction)
         return None
 
-    def _step(self, name: str) -> None:
+    def _hand(self, name: str) -> Engine:
+        """Give the model's queued requests to its engine (preempted or not); returns the engine."""
         engine = self.runtime.models[name]
         with self._lock:
             queue = self._queues.get(name)
@@ -394,6 +396,11 @@ class Scheduler:
                 continue
             req.started_at = time.monotonic()
             flight[req.engine_id] = req
+        return engine
+
+    def _step(self, name: str) -> None:
+        engine = self._hand(name)
+        flight = self._in_flight[name]
         outputs = engine.step()
         now = time.monotonic()
         for o in outputs:

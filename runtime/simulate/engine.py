@@ -211,8 +211,9 @@ class SimEngine:
             return cm.predict_transfer("kv_recompute", tokens=tokens)
         return cm.predict_step(self.resident, 1, tokens)
 
-    def step(self, now: float) -> tuple[float, list[SimRequest]]:
-        """One step at `now`: (its seconds, the requests it finished). Decode first, then admit and prefill."""
+    def step(self, now: float, not_before: float = 0.0) -> tuple[float, list[SimRequest]]:
+        """One step at `now`: (its seconds, the requests it finished). Decode first, then admit and prefill.
+        Tokens are out no earlier than `not_before` (a resume's step waits for the last layer to land)."""
         cfg, cm, block = self.config, self.config.cost_model, self.config.block_size
         seconds, finished = 0.0, []
         if self.running:
@@ -228,7 +229,7 @@ class SimEngine:
             context = sum(r.context for r in self.running) // len(self.running)
             seconds += cm.predict_step(self.resident, len(self.running), context)
             self.used_blocks += new
-            t = now + seconds
+            t = max(now + seconds, not_before)
             still = []
             for r in self.running:
                 r.generated += 1
@@ -250,7 +251,7 @@ class SimEngine:
             admitted.append(r)
         if admitted:
             seconds += self.prefill_seconds(sum(r.context for r in admitted))
-            t = now + seconds
+            t = max(now + seconds, not_before)
             for r in admitted:
                 if r.first_token_s is None:
                     r.first_token_s = t

@@ -6,7 +6,8 @@ decides (the very `exclusive`, `lru` or `cost` policy the live loop runs, or any
 loop's own `check_actions` refuses a plan the state does not allow; each action is applied in order and the
 clock advances by its duration: Step by the simulated engine's step (`engine.SimEngine`), every other
 action by what `scheduler.pricing.Pricing` predicts from the model's `CostModel` (the cost policy's own
-prices, uncorrected). Each model's bytes are the `policy.PoolView` counts of its state and residency, and
+prices, uncorrected); a Resume of a model with work also runs its first step, overlapped with the copies, as
+the loop's does (the Step after it then returns that step's tokens and takes no time). Each model's bytes are the `policy.PoolView` counts of its state and residency, and
 `check_actions` checks every plan against them, so the budgets hold as they do live. The trace and the aging
 counters are the loop's.
 
@@ -104,6 +105,7 @@ class _Run:
         self.trace: list[dict] = []
         self.steps = {n: 0 for n in sim.configs}
         self.now, self.tick, self.next, self.decisions, self.busy = 0.0, 0, 0, 0, 0.0
+        self.carried: set[str] = set()  # models whose resume ran their next step ahead (the engine's carry)
 
     def view(self, name: str) -> ModelView:
         """The model's bytes as `policy.PoolView` counts them (its module docstring): active, the device at its
@@ -248,13 +250,35 @@ class _Run:
             if not all(self.queues[n] or self.engines[n].unfinished for n in names):
                 return
 
-    def step(self, name: str) -> float:
-        """One step of `name`'s engine, its queued requests handed to it first: its seconds."""
+    def hand(self, name: str) -> SimEngine:
         e = self.engines[name]
         for r in self.queues[name]:
             e.hand(r, self.now)
         self.queues[name] = Backlog()
+        return e
+
+    def step(self, name: str) -> float:
+        """One step of `name`'s engine, its queued requests handed to it first: its seconds (none for the step a
+        resume ran ahead, whose outputs this one returns, as `Engine.step` returns its carry)."""
+        e = self.hand(name)
+        if name in self.carried:
+            self.carried.discard(name)
+            return 0.0
         return e.step(self.now)[0]
+
+    def resume(self, name: str, price: dict, weights: str) -> float:
+        """The loop's Resume: the queued requests handed over, then, with any work, the first step run ahead
+        while the copies land (pipelined: it starts once the KV and, from the host, the first layer are in, and
+        its tokens are out no earlier than the last copy); its seconds."""
+        e = self.hand(name)
+        copies = price["weights"] + price["kv"]
+        if not e.unfinished:
+            return price["total"]
+        lead = price["kv"] + price["weights"] / max(1, e.resident + 1) if weights == "host" else copies
+        seconds = e.step(self.now + lead, not_before=self.now + copies)[0]
+        self.busy += seconds
+        self.carried.add(name)
+        return max(copies, lead + seconds)
 
     def apply(self, snap: Snapshot, action) -> tuple[float, int]:
         """Apply `action`: (its simulated seconds, the bytes it moved). The plan passed `check_actions` on the
@@ -264,9 +288,9 @@ class _Run:
         if isinstance(action, Step):
             return self.step(name), 0
         m = dataclasses.replace(m, view=self.view(name), kv_bytes=e.kv_bytes())
-        if isinstance(action, Resume):  # the loop's Resume runs the first step; here the Step does
+        if isinstance(action, Resume):
             w, kv = self.state[name].weights or "host", self.preempted_kv[name] or "swap"
-            seconds = self.sim.pricing.resume(cfg.cost_model, m, e.resident, w, kv)["total"]
+            price = self.sim.pricing.resume(cfg.cost_model, m, e.resident, w, kv)
         else:
             seconds = self.sim.pricing.cost(snap, m, e.resident, action) or 0.0
         weights = cfg.top_bytes + e.resident * cfg.layer_bytes
@@ -284,4 +308,6 @@ class _Run:
         else:  # Load, Resume
             moved = weights + (e.kv_bytes() if self.preempted_kv[name] == "swap" else 0)
             self.state[name], self.preempted_kv[name] = ModelState.ACTIVE, None
+            if isinstance(action, Resume):
+                seconds = self.resume(name, price, w)
         return seconds, moved
