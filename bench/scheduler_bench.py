@@ -1,7 +1,7 @@
 """tidal.Scheduler's policies side by side on a live workload, on this machine (issue 14).
 
     .venv/bin/python bench/scheduler_bench.py --out DIR [--policies exclusive,lru,cost] [--workloads copay,nopay]
-        [--duration S] [--rate R] [--seed N] [--link TARGET|GBPS] [--quick]
+        [--duration S] [--rate R] [--seed N] [--link TARGET|GBPS] [--time-scale X|auto] [--quick]
     .venv/bin/python bench/scheduler_bench.py --out DIR --merge A/scheduler.json B/scheduler.json  # no run
 
 Per workload (bench/scheduler_workload.py): three random-weight fp32 Llama checkpoints of different sizes
@@ -13,7 +13,9 @@ loop in its thread (`sched.start()`) and a feeder thread submitting each request
 not a tick-driven replay), then up to max(30 s, duration) for the rest to finish (an unfinished request misses
 its SLOs). All engines run on the CPU backend behind an emulated host<->device link of one bandwidth (`--link`:
 a target of `tidal.backends.link.TARGETS` or gh200-c2c, calibrated by `tidal.study.emulation.calibrate_link`
-on the workload's largest model, or GB/s; default each workload's own), one torch thread. Each engine paces
+on the workload's largest model, or GB/s; default each workload's own), one torch thread. The workloads' SLOs
+and rates were set on one machine; `--time-scale auto` dilates them to this one (SLOs times, the rate divided
+by, the workload's reference GB/s over the link calibrated here, which tracks the decode speed). Each engine paces
 its own copies: the three models do not contend for one link.
 
 Per policy: p50/p99 TTFT and TPOT (TPOT: (last token - first token) / (tokens - 1) per request), SLO attainment
@@ -73,20 +75,19 @@ def profile_for(path, link, out: Path, log, quick: bool = False) -> str | None:
     return str(dest / "profile.json")
 
 
-def slo_scale(spec: str, w, link, link_spec: str) -> tuple[float, float]:
-    """(TTFT, TPOT) factors of the workload's SLOs: `spec` one number for both, or two ("TTFT,TPOT"), or "auto":
-    the workload's reference GB/s over this run's calibrated link, both (a machine that decodes 1.7x slower
-    calibrates the link 1.7x slower and gets 1.7x the SLOs)."""
+def time_scale(spec: str, w, link, link_spec: str) -> float:
+    """The factor by which the workload is dilated in time: SLOs multiplied, the arrival rate divided. `spec` a
+    number, or "auto": the workload's reference GB/s over this run's calibrated link (calibration scales the
+    link with the machine's decode speed, so a machine that decodes 1.7x slower gets 1.7x the SLOs and
+    1/1.7 the requests per second: the same workload in its own time)."""
     if spec == "auto":
-        if link is None or w.reference_gbps is None or link_spec in ("none",) or _is_number(link_spec):
-            raise SystemExit(f"--slo-scale auto needs a calibrated link (a target, not {link_spec!r}) and a "
+        if link is None or w.reference_gbps is None or link_spec == "none" or _is_number(link_spec):
+            raise SystemExit(f"--time-scale auto needs a calibrated link (a target, not {link_spec!r}) and a "
                              f"workload with reference_gbps")
-        f = w.reference_gbps / link.gbps
-        return f, f
-    parts = [float(x) for x in spec.split(",")]
-    if len(parts) not in (1, 2) or not all(x > 0 for x in parts):
-        raise SystemExit(f"--slo-scale {spec!r}: one positive number, two (TTFT,TPOT), or auto")
-    return (parts[0], parts[-1])
+        return w.reference_gbps / link.gbps
+    if not _is_number(spec) or not float(spec) > 0:
+        raise SystemExit(f"--time-scale {spec!r}: a positive number or auto")
+    return float(spec)
 
 
 def _is_number(s: str) -> bool:
@@ -119,14 +120,14 @@ def run(args) -> dict:
         link_spec = args.link or w.link
         link = W.make_link(link_spec, paths[big.name], kw)
         log(f"[{wname}] link: " + (f"{link.gbps:.4g} GB/s ({link.label})" if link is not None else "none"))
-        scale = slo_scale(args.slo_scale, w, link, link_spec)
-        w = w.scaled(*scale)
+        scale = time_scale(args.time_scale, w, link, link_spec)
+        w = w.scaled(scale)
         foot = {m.name: tidal.Engine.placement(paths[m.name], device="cpu", **kw).footprint.device for m in w.models}
         budget = int(w.budget_of_sum * sum(foot.values()))
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
-        rate = args.rate or w.rate
+        rate = (args.rate or w.rate) / scale
         trace = W.arrivals(w, args.duration, rate, args.seed)
-        wdoc = {**w.describe(), "slo_scale": list(scale), "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
+        wdoc = {**w.describe(), "time_scale": scale, "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
                                                            "label": link.label if link else "none", "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
@@ -275,8 +276,9 @@ def main(argv=None) -> None:
                     "--quick 3)")
     ap.add_argument("--rate", type=float, default=None, help="arrivals per second, for every workload (default: "
                     "each workload's own: copay 10, nopay 6; --quick 4)")
-    ap.add_argument("--slo-scale", default="1", help="multiply every model's SLOs: a number, TTFT,TPOT, or auto "
-                    "(the workload's reference GB/s over the calibrated link's: SLOs that scale with the machine)")
+    ap.add_argument("--time-scale", default="1", help="dilate the workload in time: SLOs times it, the rate "
+                    "divided by it; a number, or auto (the workload's reference GB/s over the calibrated link's: "
+                    "the same workload in a slower or faster machine's own time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c), "
                     "GB/s, or none (no emulation), for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")
