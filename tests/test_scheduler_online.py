@@ -2,12 +2,14 @@
 measurements, per model and kind of action, and the loop handing it those measurements."""
 import dataclasses
 import math
+import types
 
 import pytest
 
 from tidal.errors import ConfigError
 from tidal.policy import ModelState, Preempt, Resume
 from tidal.scheduler import CostScheduling, SetResidency, Step
+from tidal.scheduler.loop import _own_seconds
 from tidal.scheduler.online import OnlineCorrection
 from test_scheduler_cost import cost_model, decide, model, snap
 
@@ -206,3 +208,20 @@ def test_a_sliced_models_tpot_counts_each_whole_wait_for_its_slot():
     tpot = 0.01 + 2 * (1.7 - 0.2) / 30
     assert 1.7 * 0.01 / 0.2 < 0.1 < tpot
     assert est.violation == pytest.approx(tpot / 0.1 - 1)
+
+
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_a_resume_is_a_sample_unless_its_first_step_also_prefilled_beside_a_decode(in_flight):
+    """The loop hands queued requests to the engine before a Resume, whose first step then prefills them. With
+    nothing in flight the loop reports the resume's copies alone (`_own_seconds`), a sample like any resume's;
+    with requests in flight too, the step decoded them and prefilled the others: no prediction covers that."""
+    s = snap(model("b", S.PREEMPTED_HOST, tpot=0.05, queued=2, in_flight=in_flight), device=None)
+    policy = CostScheduling()
+    actions = decide(policy, s)
+    assert actions[0] == Resume("b")
+    raw = policy.predict(s, actions[0])
+    report = types.SimpleNamespace(first_step_seconds=0.3, overlap_seconds=0.2)
+    measured = _own_seconds(s, actions[0], report, 2 * raw + 0.1)
+    assert measured == pytest.approx(2 * raw if not in_flight else 2 * raw + 0.1)
+    policy.observe(s, actions[0], measured)
+    assert policy.correction.as_dict() == ({} if in_flight else {"b": {"resume_host": {"factor": 2.0, "samples": 1}}})

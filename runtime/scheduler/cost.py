@@ -123,12 +123,14 @@ class CostScheduling:
 
     def observe(self, snapshot: Snapshot, action, measured_s: float) -> None:
         """The loop's measurement of `action`, applied at `snapshot`'s tick, as the last `decide` planned it:
-        one sample for the correction (a step or a resume that also prefilled queued requests is none: the loop
-        hands them to the engine first, and neither prediction counts their prefill)."""
+        one sample for the correction. A step that also prefilled queued requests is none (its prediction is a
+        decode step's), nor is a resume whose first step decoded requests in flight and prefilled queued ones;
+        a resume with queued requests alone is measured by the loop without the step it ran for them."""
         tick, samples = self._samples
         if self.correction is None or tick != snapshot.tick or action not in samples:
             return
-        if isinstance(action, (Step, Resume)) and snapshot.model(action.model).queued:
+        m = snapshot.model(action.model)
+        if m.queued and (isinstance(action, Step) or isinstance(action, Resume) and m.in_flight):
             return
         raw, kind = samples[action]
         if kind is not None:

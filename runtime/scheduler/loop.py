@@ -48,6 +48,16 @@ class _Registered:
     eos_token_ids: tuple[int, ...] = ()  # the checkpoint's, on which its requests stop by default
 
 
+def _own_seconds(snap: Snapshot, action, report, measured: float) -> float:
+    """What a policy learns an action cost: `measured`, except for a resume of a model with nothing in flight
+    whose first step prefilled the requests the loop handed it: its copies and bookkeeping alone (the step
+    overlapped them), as a resume without requests would have taken."""
+    if isinstance(action, Resume) and report is not None and report.first_step_seconds > 0 and \
+            not snap.model(action.model).in_flight:
+        return max(0.0, measured - report.first_step_seconds + report.overlap_seconds)
+    return measured
+
+
 class Scheduler:
     """Schedules requests across the models of `runtime` (see the package docstring). `policy`: "exclusive",
     "lru", or an object with `decide(snapshot)`; `max_wait_s`/`max_skipped_ticks` set a named policy's aging
@@ -334,7 +344,7 @@ class Scheduler:
             self._trace.record(t - self._t0, self._tick, action, predicted, measured,
                                None if isinstance(action, Step) else why, report)
             if callable(observe):
-                observe(snap, action, measured)
+                observe(snap, action, _own_seconds(snap, action, report, measured))
             if isinstance(action, (Step, Load, Resume)):
                 self._last_used[action.model] = self._tick
             if isinstance(action, (Load, Resume)):

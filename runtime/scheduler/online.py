@@ -7,8 +7,8 @@ policy therefore scales each prediction by a factor it learns from the loop: per
 exponentially weighted mean of log(measured / predicted), so that one outlier moves it by a bounded step and a
 lasting drift is followed within a few observations. Kinds: a decode step with every layer resident, one
 with streamed layers (a different regime: the link, not the compute, may bound it), a preemption and a resume
-per weights tier. A step or a resume that also prefilled new requests is not a sample (their predictions
-count no prefill).
+per weights tier. A step that also prefilled new requests is not a sample (its prediction is a decode
+step's); a resume is measured without the first step it ran for requests that were only queued.
 Residency changes are not corrected: the loop's apply time of a promotion is not its copy, which lands later.
 """
 from __future__ import annotations
