@@ -15,8 +15,8 @@ its SLOs). All engines run on the CPU backend behind an emulated host<->device l
 a target of `tidal.backends.link.TARGETS` or gh200-c2c, calibrated by `tidal.study.emulation.calibrate_link`
 on the workload's largest model, or GB/s; default each workload's own), one torch thread. The workloads' SLOs
 and rates were set on one machine; `--time-scale auto` dilates them to this one (SLOs times, the rate divided
-by, the workload's reference GB/s over the link calibrated here, which tracks the decode speed). Each engine paces
-its own copies: the three models do not contend for one link.
+by, the workload's reference GB/s over the link calibrated here, which tracks the decode speed). Each engine
+paces its own copies: the three models do not contend for one link.
 
 Per policy: p50/p99 TTFT and TPOT (TPOT: (last token - first token) / (tokens - 1) per request), SLO attainment
 (requests meeting both of their model's SLOs / requests), goodput (those per second of the run's span, first
@@ -76,8 +76,8 @@ def profile_for(path, link, out: Path, log, quick: bool = False) -> str | None:
 
 
 def time_scale(spec: str, w, link, link_spec: str) -> float:
-    """The factor by which the workload is dilated in time: SLOs multiplied, the arrival rate divided. `spec` a
-    number, or "auto": the workload's reference GB/s over this run's calibrated link (calibration scales the
+    """The factor by which the workload is dilated in time: SLOs multiplied, the arrival rate divided. `spec`
+    a number, or "auto": the workload's reference GB/s over this run's calibrated link (calibration scales the
     link with the machine's decode speed, so a machine that decodes 1.7x slower gets 1.7x the SLOs and
     1/1.7 the requests per second: the same workload in its own time)."""
     if spec == "auto":
@@ -127,7 +127,8 @@ def run(args) -> dict:
         assert budget < sum(foot.values()) and budget >= max(foot.values()), (budget, foot)
         rate = (args.rate or w.rate) / scale
         trace = W.arrivals(w, args.duration, rate, args.seed)
-        wdoc = {**w.describe(), "time_scale": scale, "rate_rps": rate, "link": {"gbps": link.gbps if link else None,
+        wdoc = {**w.describe(), "time_scale": scale, "rate_rps": rate,
+                "link": {"gbps": link.gbps if link else None,
                                                            "label": link.label if link else "none", "target": link_spec},
                 "device_bytes": foot, "device_budget_bytes": budget,
                 "arrivals": [{k: a[k] for k in ("t", "model", "max_new_tokens")} | {"prompt_len": len(a["prompt"])}
@@ -276,9 +277,9 @@ def main(argv=None) -> None:
                     "--quick 3)")
     ap.add_argument("--rate", type=float, default=None, help="arrivals per second, for every workload (default: "
                     "each workload's own: copay 10, nopay 6; --quick 4)")
-    ap.add_argument("--time-scale", default="1", help="dilate the workload in time: SLOs times it, the rate "
-                    "divided by it; a number, or auto (the workload's reference GB/s over the calibrated link's: "
-                    "the same workload in a slower or faster machine's own time)")
+    ap.add_argument("--time-scale", default="1", help="dilate the workload in time: SLOs times it, the "
+                    "rate divided by it; a number, or auto (the workload's reference GB/s over the "
+                    "calibrated link's: the same workload in a slower or faster machine's own time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--link", default=None, help="a link target (tidal.backends.link.TARGETS, or gh200-c2c), "
                     "GB/s, or none (no emulation), for every workload (default: each workload's own: copay gh200-c2c, nopay a6000-pcie4)")

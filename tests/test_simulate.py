@@ -111,8 +111,8 @@ def test_every_request_finishes_within_the_budgets(policy):
 def test_a_resume_prefills_its_queue_while_the_weights_arrive(prompt, reload):
     """As the live loop's: a Resume of a model with queued requests runs its first step while the layers land,
     so the first token is out max(copy, first layer + prefill) after the resume starts, not their sum."""
-    models = [SimModelConfig(n, cost_model(reload=reload), L, W, TOP, KVT, kv_cache_bytes=256 * KVT, block_size=4)
-              for n in "ab"]
+    models = [SimModelConfig(n, cost_model(reload=reload), L, W, TOP, KVT, kv_cache_bytes=256 * KVT,
+                             block_size=4) for n in "ab"]
     trace = [TraceRequest(0.0, "a", 5, 3), TraceRequest(1.0, "b", 5, 3), TraceRequest(2.0, "a", prompt, 2)]
     result = Simulator(models, "exclusive", device_budget=models[0].device_bytes(L)).run(trace)
     resume = [e for e in result.trace if e["action"] == "Resume"][-1]

@@ -219,15 +219,15 @@ def resume(engine, pipelined: bool = True) -> ResumeReport:
         if engine.has_unfinished():
             counters = engine.counters
             before = (counters.prefill_seconds, counters.prefill_tokens)
-            # the step may also prefill new requests (a scheduler hands its queue over first): recompute is the
-            # share of the prefill, by tokens, of the requests that had output already (their KV was dropped)
+            # the step may also prefill new requests (a scheduler hands its queue over first): recompute is
+            # the share of the prefill, by tokens, of the requests that had output already (KV dropped)
             again = {r: len(r.tokens) for r in engine.batcher.waiting if r.output}
             t = time.perf_counter()
             engine.step_ahead()  # its outputs come from the next step(), after any not yet returned
             first_step = time.perf_counter() - t
             ttft = time.perf_counter() - t0
             prefilled = counters.prefill_tokens - before[1]
-            recompute_tokens = sum(n for r, n in again.items() if not r.is_waiting)  # those the step prefilled
+            recompute_tokens = sum(n for r, n in again.items() if not r.is_waiting)  # those it prefilled
             recompute_seconds = (counters.prefill_seconds - before[0]) * recompute_tokens / max(1, prefilled)
         for t in transfers.values():
             t.wait()

@@ -81,13 +81,12 @@ class PreemptionReport(_Report):
 class ResumeReport(_Report):
     """What `Engine.resume` moved and what each part cost. `disk_*`: the checkpoint read back (after
     weights="disk"), through `loader`. `weight_*`: host-to-device copies of the weight regions. `kv_*`: the
-    batched swap-in. `recompute_*`: the prefill of requests whose KV was dropped (their tokens, and their share
-    by tokens of the step's prefill seconds). `first_step_seconds`: the first step after resume, recompute and
-    requests queued before the resume (a scheduler hands them over first) included; with `pipelined`, the
-    weight copies overlap it
-    (`overlap_seconds`). `time_to_first_layer`: from the call until the embeddings and the first resident
-    layer are on the device. `time_to_first_token`: until the first step's tokens are on the host (None
-    without requests)."""
+    batched swap-in. `recompute_*`: the prefill of requests whose KV was dropped (their tokens, and their
+    share by tokens of the step's prefill seconds). `first_step_seconds`: the first step after resume,
+    recompute and requests queued before the resume (a scheduler hands them over first) included; with
+    `pipelined`, the weight copies overlap it (`overlap_seconds`). `time_to_first_layer`: from the call until
+    the embeddings and the first resident layer are on the device. `time_to_first_token`: until the first
+    step's tokens are on the host (None without requests)."""
 
     model: str
     weights: str

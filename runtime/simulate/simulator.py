@@ -7,9 +7,9 @@ loop's own `check_actions` refuses a plan the state does not allow; each action 
 clock advances by its duration: Step by the simulated engine's step (`engine.SimEngine`), every other
 action by what `scheduler.pricing.Pricing` predicts from the model's `CostModel` (the cost policy's own
 prices, uncorrected); a Resume of a model with work also runs its first step, overlapped with the copies, as
-the loop's does (the Step after it then returns that step's tokens and takes no time). Each model's bytes are the `policy.PoolView` counts of its state and residency, and
-`check_actions` checks every plan against them, so the budgets hold as they do live. The trace and the aging
-counters are the loop's.
+the loop's does (the Step after it then returns that step's tokens and takes no time). Each model's bytes
+are the `policy.PoolView` counts of its state and residency, and `check_actions` checks every plan against
+them, so the budgets hold as they do live. The trace and the aging counters are the loop's.
 
 Fast-forward: a policy that says until when it repeats a plan of Steps alone (`repeats_until`: `exclusive` and
 `lru` always, their plans reading only the models' states, which have work, the order of their oldest
@@ -258,8 +258,8 @@ class _Run:
         return e
 
     def step(self, name: str) -> float:
-        """One step of `name`'s engine, its queued requests handed to it first: its seconds (none for the step a
-        resume ran ahead, whose outputs this one returns, as `Engine.step` returns its carry)."""
+        """One step of `name`'s engine, its queued requests handed to it first: its seconds (none for the step
+        a resume ran ahead, whose outputs this one returns, as `Engine.step` returns its carry)."""
         e = self.hand(name)
         if name in self.carried:
             self.carried.discard(name)
@@ -268,8 +268,8 @@ class _Run:
 
     def resume(self, name: str, price: dict, weights: str) -> float:
         """The loop's Resume: the queued requests handed over, then, with any work, the first step run ahead
-        while the copies land (pipelined: it starts once the KV and, from the host, the first layer are in, and
-        its tokens are out no earlier than the last copy); its seconds."""
+        while the copies land (pipelined: it starts once the KV and, from the host, the first layer are in,
+        and its tokens are out no earlier than the last copy); its seconds."""
         e = self.hand(name)
         copies = price["weights"] + price["kv"]
         if not e.unfinished:
