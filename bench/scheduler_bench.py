@@ -81,7 +81,7 @@ def time_scale(spec: str, w, link, link_spec: str) -> float:
     link with the machine's decode speed, so a machine that decodes 1.7x slower gets 1.7x the SLOs and
     1/1.7 the requests per second: the same workload in its own time)."""
     if spec == "auto":
-        if link is None or w.reference_gbps is None or link_spec == "none" or _is_number(link_spec):
+        if link is None or w.reference_gbps is None or _is_number(link_spec):  # "none" makes no link
             raise SystemExit(f"--time-scale auto needs a calibrated link (a target, not {link_spec!r}) and a "
                              f"workload with reference_gbps")
         return w.reference_gbps / link.gbps
