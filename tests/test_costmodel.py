@@ -371,3 +371,25 @@ def test_seconds_all_is_seconds_at_every_residency():
         resident_only.seconds(2, 1, 0)
     with pytest.raises(ConfigError, match="all-resident"):
         StepFit(3, 100, None, None, None, 1e9, 0.0, 2).seconds_all(1, 0)
+
+
+def test_a_prefill_streams_the_layers_that_are_not_resident():
+    """`predict_prefill`: the recompute fit (a prefill measured all-resident) in place of T0 in the step's
+    streaming formula, checked by hand on random fits; a decode step of one sequence without a recompute fit."""
+    rng = random.Random(7)
+    for _ in range(50):
+        layers, layer_bytes = rng.randint(1, 40), rng.randint(1, 10 ** 7)
+        bandwidth, overhead = rng.uniform(1e8, 1e11), rng.random() * 1e-4
+        fit = StepFit(layers, layer_bytes, rng.random() * 0.01, rng.random() * 1e-3, None, bandwidth, overhead, 5)
+        recompute = RecomputeFit(rng.random() * 1e-3, rng.random() * 1e-4, rng.choice([None, 1e-8]), 4)
+        cm = CostModel(fit, (), recompute)
+        tokens, resident = rng.randint(1, 3000), rng.randint(0, layers)
+        p, s = recompute.seconds(tokens), layers - resident
+        expected = p if s == 0 else max(p, s * layer_bytes / bandwidth) + s * overhead
+        assert cm.predict_prefill(resident, tokens) == pytest.approx(expected, rel=1e-12)
+        assert cm.predict_prefill(layers, tokens) == pytest.approx(cm.predict_transfer("kv_recompute", tokens=tokens))
+        assert CostModel(fit, (), None).predict_prefill(resident, tokens) == fit.seconds(resident, 1, tokens)
+    with pytest.raises(ConfigError, match="resident_layers"):
+        cm.predict_prefill(layers + 1, 10)
+    with pytest.raises(ConfigError, match="streamed layers"):  # no streaming fit: a streamed prefill is unknown
+        CostModel(StepFit(3, 100, 0.01, None, None, None, None, 2), (), recompute).predict_prefill(1, 10)

@@ -16,33 +16,46 @@ from test_scheduler_cost import cost_model, decide, model, snap
 S = ModelState
 
 
-def test_the_factor_follows_the_log_mean_of_measured_over_predicted():
-    c = OnlineCorrection(alpha=0.25, limit=4.0)
+def test_the_factor_is_the_median_of_the_recent_log_ratios():
+    c = OnlineCorrection(window=3, limit=4.0)
     assert c.factor("a", "step") == 1.0  # nothing learnt yet
     c.observe("a", "step", 0.010, 0.030)
-    assert c.factor("a", "step") == pytest.approx(3.0)  # the first sample is the mean
+    assert c.factor("a", "step") == pytest.approx(3.0)  # one sample: its own ratio
     c.observe("a", "step", 0.010, 0.010)
-    assert c.factor("a", "step") == pytest.approx(math.exp(0.75 * math.log(3.0)))
+    assert c.factor("a", "step") == pytest.approx(math.sqrt(3.0))  # two: the geometric mean
+    c.observe("a", "step", 0.010, 0.020)
+    assert c.factor("a", "step") == pytest.approx(2.0)  # 1, 2, 3: the median
+    c.observe("a", "step", 0.010, 0.012)  # the window drops the 3
+    assert c.factor("a", "step") == pytest.approx(1.2)  # 1, 2, 1.2
     assert c.factor("a", "step_streamed") == 1.0 and c.factor("b", "step") == 1.0  # per model and kind
     c.observe("b", "preempt_host", 0.1, 100.0)  # a thousand times off: a wrong model, clamped to the limit
     assert c.factor("b", "preempt_host") == pytest.approx(4.0)
     for predicted, measured in ((None, 1.0), (0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)):
         c.observe("c", "step", predicted, measured)  # nothing to learn from
     assert c.factor("c", "step") == 1.0
-    assert c.as_dict() == {"a": {"step": {"factor": round(c.factor("a", "step"), 4), "samples": 2}},
+    assert c.as_dict() == {"a": {"step": {"factor": round(c.factor("a", "step"), 4), "samples": 4}},
                            "b": {"preempt_host": {"factor": 4.0, "samples": 1}}}
 
 
-def test_steady_samples_converge_and_a_single_outlier_moves_it_a_bounded_step():
-    c = OnlineCorrection(alpha=0.25)
+def test_outliers_do_not_move_the_factor_and_a_lasting_drift_is_followed_within_half_a_window():
+    c = OnlineCorrection(window=9)
     for _ in range(40):
         c.observe("a", "step", 0.02, 0.03)
-    assert c.factor("a", "step") == pytest.approx(1.5, rel=1e-6)
-    c.observe("a", "step", 0.02, 2.0)  # one hundredfold outlier: clamped, then weighted by alpha
-    assert c.factor("a", "step") == pytest.approx(math.exp(0.75 * math.log(1.5) + 0.25 * math.log(4.0)))
+    assert c.factor("a", "step") == pytest.approx(1.5, rel=1e-9)
+    for _ in range(4):  # heavy-tailed steps, as live: four of nine at 4x (clamped) leave the median
+        c.observe("a", "step", 0.02, 2.0)
+        assert c.factor("a", "step") == pytest.approx(1.5, rel=1e-9)
+    c = OnlineCorrection(window=9)
+    for _ in range(9):
+        c.observe("a", "step", 0.02, 0.02)
+    for i in range(5):  # the machine slows down to 2x for good: the fifth sample moves the median there
+        assert c.factor("a", "step") == pytest.approx(1.0)
+        c.observe("a", "step", 0.02, 0.04)
+    assert c.factor("a", "step") == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": 0}, {"alpha": 1.5}, {"alpha": True}, {"limit": 1.0}, {"limit": "2"}])
+@pytest.mark.parametrize("kwargs", [{"window": 0}, {"window": 2.5}, {"window": True}, {"limit": 1.0},
+                                    {"limit": "2"}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ConfigError):
         OnlineCorrection(**kwargs)

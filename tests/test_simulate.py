@@ -51,6 +51,23 @@ def test_engine_batches_prefills_and_decodes_every_request_to_its_length():
     assert reqs[2].first_token_s > reqs[0].first_token_s
 
 
+@pytest.mark.parametrize("resident", [L, 5, 0])
+def test_a_prefill_on_a_partly_resident_model_streams_its_layers_again(resident):
+    """A step that decodes and prefills is two passes, as the engine runs them, and each streams the layers
+    that are not resident: by hand, decode max(T0, S x per_layer) and prefill max(P, S x per_layer)."""
+    e = SimEngine(config("a", resident_fraction=resident / L))
+    first, second = SimRequest(0, "a", 30, 5, 0.0), SimRequest(1, "a", 20, 5, 0.0)
+    e.hand(first, 0.0)
+    e.step(0.0)
+    e.hand(second, 0.0)
+    seconds, _ = e.step(1.0)
+    s = L - resident
+    decode = max(0.01, s * 0.002) if s else 0.01
+    prefill = 0.001 + 1e-4 * 20
+    assert seconds == pytest.approx(decode + (max(prefill, s * 0.002) if s else prefill))
+    assert second.first_token_s == pytest.approx(1.0 + seconds)
+
+
 def test_engine_preempts_the_newest_request_when_its_kv_runs_out_and_it_still_finishes():
     e = SimEngine(config("a", kv_tokens=24))  # 6 blocks of 4 tokens
     reqs = [SimRequest(i, "a", 6, 12, 0.0) for i in range(2)]  # each grows to 18 tokens: 5 blocks

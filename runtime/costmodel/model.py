@@ -68,6 +68,22 @@ class CostModel:
             raise ConfigError("decode step: no decode samples were measured")
         return self.step.seconds(resident_layers, batch, context)
 
+    def predict_prefill(self, resident_layers: int, tokens: int) -> float:
+        """Seconds of one prefill pass over `tokens` prompt tokens with `resident_layers` resident. The pass
+        streams the model's other layers as a decode step does (the engine runs decode and prefill as two
+        passes, so a step that does both streams them twice): the `kv_recompute` fit (a prefill measured
+        all-resident) in place of T0 in the step's formula, max(P, S*layer_bytes/stream_bandwidth) +
+        S*stream_overhead. Without a recompute fit, a decode step of one sequence at `tokens` context."""
+        if self.recompute is None:
+            return self.predict_step(resident_layers, 1, tokens)
+        if self.step is None:
+            raise ConfigError("prefill: no decode samples were measured, so streaming is unknown")
+        check_int("resident_layers", resident_layers, 0)
+        if resident_layers > self.step.num_layers:
+            raise ConfigError(f"resident_layers={resident_layers} exceeds the model's {self.step.num_layers} layers")
+        check_int("tokens", tokens, 0)
+        return self.step.streamed(self.recompute.seconds(tokens), self.step.num_layers - resident_layers)
+
     def predict_transfer(self, kind: str, nbytes: int = 0, tokens: int = 0) -> float:
         """Seconds of one transfer of `kind`; `tokens` for "kv_recompute", `nbytes` for the others."""
         if kind not in TRANSFER_KINDS:

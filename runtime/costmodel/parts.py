@@ -62,6 +62,17 @@ class StepFit:
         t0, streams = self.t0(batch, context), self.stream_bandwidth is not None and self.stream_overhead is not None
         return [self._streamed(t0, s) if streams or not s else None for s in range(self.num_layers, -1, -1)]
 
+    def streamed(self, t0: float, s: int) -> float:
+        """A pass over the model whose all-resident seconds are `t0`, with `s` streamed layers (the class
+        docstring's formula; s = 0: t0)."""
+        check_int("streamed layers", s, 0)
+        if s > self.num_layers:
+            raise ConfigError(f"{s} streamed layers exceed the model's {self.num_layers} layers")
+        if s and (self.stream_bandwidth is None or self.stream_overhead is None):
+            raise ConfigError(f"a pass with {s} streamed layers: no decode sample with streamed layers was "
+                              "measured, so the streaming bandwidth and overhead are unknown")
+        return self._streamed(t0, s)
+
     def _streamed(self, t0: float, s: int) -> float:
         """The step with `s` streamed layers (the class docstring's formula; s = 0: T0)."""
         return t0 if s == 0 else max(t0, s * self.layer_bytes / self.stream_bandwidth) + s * self.stream_overhead

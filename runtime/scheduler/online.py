@@ -3,9 +3,12 @@ Torch-free.
 
 A profile is measured once, on a quiet machine, one model at a time; the live loop runs several models on a
 machine whose speed drifts (shared cores, a link other copies use, a batch that is not the profile's). The cost
-policy therefore scales each prediction by a factor it learns from the loop: per model and kind of action, an
-exponentially weighted mean of log(measured / predicted), so that one outlier moves it by a bounded step and a
-lasting drift is followed within a few observations. Kinds: a decode step with every layer resident, one
+policy therefore scales each prediction by a factor it learns from the loop: per model and kind of action, the
+median of log(measured / predicted) over the last few observations, so that one outlier moves it by at most
+one rank and a lasting drift is followed within half a window. (An exponentially weighted mean with weight
+0.25 did worse: live decode steps are heavy-tailed, a few up to 4x their prediction where the median is
+1.0, and each such step moved the factor by up to 1.4x, flipping the co-resident models' residencies back and
+forth; docs/SCHEDULING.md.) Kinds: a decode step with every layer resident, one
 with streamed layers (a different regime: the link, not the compute, may bound it), a preemption and a resume
 per weights tier. A step that also prefilled new requests is not a sample (its prediction is a decode
 step's); a resume is measured without the first step it ran for requests that were only queued.
@@ -13,7 +16,9 @@ Residency changes are not corrected: the loop's apply time of a promotion is not
 """
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
 from ..errors import ConfigError
 
@@ -25,25 +30,27 @@ def _number(name: str, value, lo: float, hi: float = math.inf) -> float:
 
 
 class OnlineCorrection:
-    """measured / predicted per (model, kind), learnt online. `alpha`: the weight of a new sample in the mean
-    of the logs; `limit`: the factor stays within [1/limit, limit] (a prediction off by more than that is a
+    """measured / predicted per (model, kind), learnt online. `window`: the observations whose median log ratio
+    is the factor; `limit`: the factor stays within [1/limit, limit] (a prediction off by more than that is a
     wrong cost model, not drift, and the trace shows it)."""
 
-    def __init__(self, alpha: float = 0.25, limit: float = 4.0):
-        self.alpha = _number("alpha", alpha, 0.0, 1.0)
+    def __init__(self, window: int = 9, limit: float = 4.0):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window={window!r} must be an int >= 1")
+        self.window = window
         self.limit = _number("limit", limit, 1.0)
-        self._log: dict[tuple[str, str], float] = {}
+        self._recent: dict[tuple[str, str], collections.deque] = {}
+        self._log: dict[tuple[str, str], float] = {}  # the median of each key's recent logs
         self._count: dict[tuple[str, str], int] = {}
 
     def observe(self, model: str, kind: str, predicted: float | None, measured: float) -> None:
         """One sample; ignored when either time is not positive (nothing predicted, nothing measured)."""
         if predicted is None or not predicted > 0 or not measured > 0:
             return
-        key, x = (model, kind), math.log(measured / predicted)
-        bound = math.log(self.limit)
-        x = max(-bound, min(bound, x))
-        old = self._log.get(key)
-        self._log[key] = x if old is None else old + self.alpha * (x - old)
+        key, bound = (model, kind), math.log(self.limit)
+        recent = self._recent.setdefault(key, collections.deque(maxlen=self.window))
+        recent.append(max(-bound, min(bound, math.log(measured / predicted))))
+        self._log[key] = statistics.median(recent)
         self._count[key] = self._count.get(key, 0) + 1
 
     def factor(self, model: str, kind: str) -> float:
@@ -58,4 +65,4 @@ class OnlineCorrection:
         return out
 
     def __repr__(self) -> str:
-        return f"OnlineCorrection(alpha={self.alpha}, limit={self.limit}, {len(self._log)} factors)"
+        return f"OnlineCorrection(window={self.window}, limit={self.limit}, {len(self._log)} factors)"

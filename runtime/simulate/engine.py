@@ -7,8 +7,10 @@ What it models, as the engine does it: requests handed to it wait, then join the
 request, then prefills the newly admitted ones (their first token); each token may need a new block, and when
 the pool runs out the newest running request is preempted inside the engine (its blocks freed, back to the
 front of the waiting queue; it prefills its prompt and the tokens it had again when readmitted). Times: a
-decode step is `CostModel.predict_step(resident layers, batch, mean context)`; a prefill of n tokens is the
-`kv_recompute` fit's (the profile measures it as a prefill) or, without one, a decode step at that context.
+decode step is `CostModel.predict_step(resident layers, batch, mean context)`; a prefill of n tokens is
+`CostModel.predict_prefill(resident layers, n)`: the `kv_recompute` fit's (the profile measures it as a
+prefill, all-resident) behind the streamed layers, which the prefill's pass streams again as the engine's
+does; without that fit, a decode step at that context.
 """
 from __future__ import annotations
 
@@ -206,10 +208,7 @@ class SimEngine:
         self.running, self.used_blocks = [], 0
 
     def prefill_seconds(self, tokens: int) -> float:
-        cm = self.config.cost_model
-        if cm.recompute is not None:
-            return cm.predict_transfer("kv_recompute", tokens=tokens)
-        return cm.predict_step(self.resident, 1, tokens)
+        return self.config.cost_model.predict_prefill(self.resident, tokens)
 
     def step(self, now: float, not_before: float = 0.0) -> tuple[float, list[SimRequest]]:
         """One step at `now`: (its seconds, the requests it finished). Decode first, then admit and prefill.
