@@ -122,6 +122,48 @@ def test_a_plan_of_steps_is_held_until_its_interval_passes_or_an_event():
         CostScheduling(replan_s=-1)
 
 
+def test_a_plan_worked_out_again_unchanged_is_held_longer_but_not_past_its_slot():
+    """Each replan at the end of the interval that returns the plan held doubles the next interval, up to
+    REPLAN_BACKOFF of them; a different plan resets it. A time-sliced model keeps its plan no longer than the
+    rest of its quantum beyond the base interval, so the switch comes when it did before."""
+    from tidal.scheduler.cost import REPLAN_BACKOFF
+    cms = {n: cost_model(reload=2.0) for n in "ab"}
+    s = snap(model("a", ttft=0.5, last=1), model("b", ttft=1.0), device=200, cms=cms)  # co-residency: no slot
+    policy, base = CostScheduling(), 0.05
+    assert decide(policy, s) == [Step("a"), Step("b")]
+    t, held = s.time, []
+    for tick in range(1, 6):
+        until = policy.repeats_until(s)
+        held.append(round(until - t, 9))
+        t = until
+        assert decide(policy, dataclasses.replace(s, time=t, tick=tick)) == [Step("a"), Step("b")]
+    assert held == [base, 2 * base, 4 * base] + [REPLAN_BACKOFF * base] * 2
+    # another plan (another model with work) starts again from the base interval
+    other = snap(model("a", ttft=0.5, last=1), model("b", ttft=1.0, in_flight=0), model("c", ttft=1.0), device=None,
+                 cms=cms | {"c": cost_model()})
+    decide(policy, dataclasses.replace(other, time=t + 0.001))
+    assert policy.repeats_until(other) == pytest.approx(t + 0.001 + base)
+
+    # time-slicing: a holds the device (a switch costs about 1 s, its quantum) 0.3 s into it; b waits, in flight
+    cm = cost_model(per_layer=0.02, reload=1.0)
+    sliced = snap(model("a", active_s=0.3, last=1, ttft=0.5), model("b", S.PREEMPTED_HOST, ttft=0.5), device=FULL,
+                  cms={"a": cm, "b": cm})
+    policy = CostScheduling()
+    assert decide(policy, sliced) == [Step("a")]
+    quantum = 0.3 + policy.last_estimates[0].stable_s  # the rest of a's quantum: where b gets the device
+    assert policy.last_estimates[0].kind == "time-slicing" and 0.9 < quantum < 1.2
+    t = sliced.time
+    for tick in range(1, 20):
+        later = dataclasses.replace(sliced, time=t, tick=tick, models=(
+            dataclasses.replace(sliced.models[0], active_s=0.3 + t - sliced.time), sliced.models[1]))
+        actions = decide(policy, later)
+        if actions != [Step("a")]:
+            break
+        assert policy.repeats_until(later) <= max(t + base, sliced.time + quantum - 0.3) + 1e-9
+        t = policy.repeats_until(later)
+    assert actions[-1] == Step("b") and t - sliced.time < quantum - 0.3 + base  # switched within a base interval
+
+
 def test_greedy_hands_out_layers_as_one_at_a_time_would_for_any_room():
     """`greedy` walks `greedy_order` (made once, for every room) and must give what handing out one layer at a
     time to the best fitting offer gives, ties and blocked models included, on random convex and non-convex

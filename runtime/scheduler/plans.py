@@ -64,6 +64,7 @@ class Estimate:
     violation: float
     seconds: float
     core: tuple = ()  # a mixed plan's co-resident models (names)
+    stable_s: float = math.inf  # seconds before its time-sliced slot may change hands by itself (no aging)
 
     def key(self) -> tuple[float, float]:
         return round(self.violation, 9), self.seconds
@@ -73,7 +74,7 @@ class Plan:
     """Actions built one at a time over the snapshot, each checked as `check_actions` checks it (a refused one
     raises and is not added), with each one's predicted seconds."""
 
-    def __init__(self, policy, snapshot: Snapshot):  # policy: the CostScheduling whose `pricing` prices actions
+    def __init__(self, policy, snapshot: Snapshot):  # policy: the CostScheduling whose `price` prices actions
         self.policy, self.snapshot, self.view = policy, snapshot, snapshot.pool()
         self.resident = {m.name: m.resident_layers() for m in snapshot.models}
         self.actions, self.costs = [], []
@@ -95,7 +96,7 @@ class Plan:
             request = None if isinstance(action, Preempt) else \
                 dataclasses.replace(m, view=self.view.model(m.name)).need()
             view, new = dataclasses.replace(self.view, request=request).apply(action), self.resident[m.name]
-        cost, raw, kind = self.policy.pricing.price(self.snapshot, m, self.resident[m.name], action)
+        cost, raw, kind = self.policy.price(self.snapshot, m, self.resident[m.name], action)
         self.costs.append(cost)
         self.samples.append((raw, kind))
         self.view, self.resident[m.name] = view, new
@@ -105,16 +106,24 @@ class Plan:
 def greedy(step, work, lo: dict, room: float, order: list | None = None) -> dict:
     """Resident layers per model, from `lo`: one layer at a time to the model whose predicted step (`step(m, r)`)
     shrinks most per device byte, while it fits `room` (the step is convex in the streamed layers). A model
-    whose next layer does not fit takes no more. `order`: `greedy_order(step, work, lo)`, when already made."""
+    whose next layer does not fit takes no more. `order`: `greedy_order(step, work, lo)`, when already made; it
+    may cover more models than `lo` (those take nothing), so one order of every model serves each subset."""
     resident, blocked = dict(lo), set()
+    left = {m.name: m.num_layers - lo[m.name] for m in work if m.name in resident}  # layers each may still take
+    taking = sum(n > 0 for n in left.values())  # models neither blocked nor full: none left ends the walk
     for name, extra in order if order is not None else greedy_order(step, work, lo):
-        if name in blocked:
+        if name in blocked or name not in resident:
             continue
         if extra > room:
             blocked.add(name)  # the room only shrinks: its next layer never fits
-            continue
-        resident[name] += 1
-        room -= extra
+            taking -= 1
+        else:
+            resident[name] += 1
+            room -= extra
+            left[name] -= 1
+            taking -= not left[name]
+        if not taking:
+            break
     return resident
 
 

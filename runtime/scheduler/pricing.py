@@ -66,7 +66,12 @@ class Pricing:
             raw = cm.step.seconds_all(max(1, m.queued + m.in_flight), m.context)
         except ConfigError:
             raw = [None] * (cm.step.num_layers + 1)
-        return [self._scaled(m.name, self.sample_kind(m, r, step), x) for r, x in enumerate(raw)]
+        if self.correction is None:
+            return raw
+        # two kinds (`sample_kind`): every layer resident, or some streamed
+        resident = self._scaled(m.name, self.sample_kind(m, len(raw) - 1, step), 1.0)
+        streamed = self._scaled(m.name, self.sample_kind(m, 0, step), 1.0)
+        return [None if x is None else x * (resident if r >= m.num_layers else streamed) for r, x in enumerate(raw)]
 
     @staticmethod
     def sample_kind(m: ModelSnapshot, resident: int, action) -> str | None:

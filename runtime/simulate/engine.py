@@ -218,15 +218,15 @@ class SimEngine:
         if self.running:
             # a request whose context fills its last block needs a new one for its next token: the newest
             # leave (their blocks freed) until the rest fit
-            new = sum(1 for r in self.running if r.context % block == 0)
+            contexts = [r.prompt_tokens + r.generated for r in self.running]
+            new = sum(1 for c in contexts if c % block == 0)
             while self.used_blocks + new > cfg.blocks and len(self.running) > 1:
-                victim = self.running.pop()
-                new -= victim.context % block == 0
-                self.used_blocks -= self.config.blocks_for(victim.context)
+                victim, c = self.running.pop(), contexts.pop()
+                new -= c % block == 0
+                self.used_blocks -= self.config.blocks_for(c)
                 victim.engine_preemptions += 1
                 self.waiting.appendleft(victim)
-            context = sum(r.context for r in self.running) // len(self.running)
-            seconds += cm.predict_step(self.resident, len(self.running), context)
+            seconds += cm.predict_step(self.resident, len(self.running), sum(contexts) // len(contexts))
             self.used_blocks += new
             t = max(now + seconds, not_before)
             still = []
