@@ -27,7 +27,7 @@ REBALANCE = 0.05  # residencies of models already co-resident change only for a 
 MAX_SUBSETS = 4  # mixed plans: every core for up to this many models with work, tightest-SLO prefixes past it
 REPLAN_OF_SLO = 0.1  # a plan is worked out again at least every this much of the tightest TTFT SLO with work,
 REPLAN_S = 0.05  # or this many seconds when no model with work has one (and whenever the models with work change)
-REPLAN_BACKOFF = 4  # a plan worked out again unchanged is held twice as long the next time, up to this many
+REPLAN_BACKOFF = 8  # a plan worked out again unchanged is held twice as long the next time, up to this many
 # intervals, and never past the time its time-sliced slot may change hands
 
 
@@ -292,10 +292,15 @@ class CostScheduling:
         key = ("switch", m.name, resident)
         if key not in self._steps:
             host_fits = snapshot.host_budget is None or \
-                snapshot.pool().host_used + m.layer_bytes * resident <= snapshot.host_budget
+                self._host_used(snapshot) + m.layer_bytes * resident <= snapshot.host_budget
             tier = self._tier(snapshot, m, resident, host_fits)
             self._steps[key] = tier[0] if tier else 0.0
         return self._steps[key]
+
+    def _host_used(self, snapshot: Snapshot) -> int:
+        if "host_used" not in self._steps:
+            self._steps["host_used"] = snapshot.pool().host_used
+        return self._steps["host_used"]
 
     def _tier(self, snapshot: Snapshot, m: ModelSnapshot, resident: int, host_fits: bool):
         """`Pricing.tier` of `m` at this tick (many candidate plans evict the same model the same way)."""
@@ -340,10 +345,13 @@ class CostScheduling:
         """The most resident layers `m` can have alone on the device (its own plan's when unknown)."""
         if not m.num_layers or snapshot.device_budget is None:
             return m.num_layers or m.resident_layers()
-        now = m.resident_layers()
-        base = m.view.active_device_bytes - m.layer_device_bytes(now)
-        fits = [r for r in range(now, m.num_layers + 1) if base + m.layer_device_bytes(r) <= snapshot.device_budget]
-        return max(fits, default=now)
+        key = ("alone", m.name)
+        if key not in self._steps:
+            now = m.resident_layers()
+            base = m.view.active_device_bytes - m.layer_device_bytes(now)
+            self._steps[key] = max((r for r in range(now, m.num_layers + 1)
+                                    if base + m.layer_device_bytes(r) <= snapshot.device_budget), default=now)
+        return self._steps[key]
 
     @staticmethod
     def _setup(plan: Plan) -> float:
@@ -428,7 +436,7 @@ class CostScheduling:
                 now = {m.name: m.resident_layers() for m in members}
                 new_round = sum(step(m, target[m.name]) for m in members)
                 old_round = sum(step(m, now[m.name]) for m in members)
-                moves = sum(self.cost(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))
+                moves = sum(self.price(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))[0]
                             or 0.0 for m in members if target[m.name] != now[m.name])
                 tokens = max(max(1, m.remaining_tokens) for m in members)
                 if new_round > (1 - REBALANCE) * old_round or (old_round - new_round) * tokens <= moves:

@@ -94,7 +94,7 @@ class Plan:
             view, new = self.view, self.resident[m.name]
         else:
             request = None if isinstance(action, Preempt) else \
-                dataclasses.replace(m, view=self.view.model(m.name)).need()
+                m.need(self.view.model(m.name))
             view, new = dataclasses.replace(self.view, request=request).apply(action), self.resident[m.name]
         cost, raw, kind = self.policy.price(self.snapshot, m, self.resident[m.name], action)
         self.costs.append(cost)

@@ -68,7 +68,7 @@ def evict(view: PoolView, name: str, reserve_host: int = 0) -> Preempt:
 def bring_in(view: PoolView, m: ModelSnapshot, pinned: set[str]) -> list | None:
     """`policy.LruPolicy`'s plan to load or resume `m` (its least recently used victims, then the Load or
     Resume), the models in `pinned` spared; None when that cannot make room."""
-    request = dataclasses.replace(m, view=view.model(m.name)).need()
+    request = m.need(view.model(m.name))
     models = tuple(dataclasses.replace(x, pinned=x.name in pinned) for x in view.models)
     try:
         return _LruVictims().decide(dataclasses.replace(view, models=models, request=request))
@@ -79,7 +79,7 @@ def bring_in(view: PoolView, m: ModelSnapshot, pinned: set[str]) -> list | None:
 def _apply(view: PoolView, actions, snapshot: Snapshot) -> PoolView:
     for a in actions:
         request = None if isinstance(a, Preempt) else \
-            dataclasses.replace(snapshot.model(a.model), view=view.model(a.model)).need()
+            snapshot.model(a.model).need(view.model(a.model))
         view = dataclasses.replace(view, request=request).apply(a)
     return view
 

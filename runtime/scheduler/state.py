@@ -12,6 +12,7 @@ applies anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Mapping
 
@@ -84,9 +85,10 @@ class ModelSnapshot:
         device = self.layer_device_bytes(new) - self.layer_device_bytes(old)
         return device, max(0, old - new) * self.layer_bytes
 
-    def need(self) -> Request:
-        """The device and host bytes a Load or Resume of this model needs (staging included)."""
-        v = self.view
+    def need(self, view: ModelView | None = None) -> Request:
+        """The device and host bytes a Load or Resume of this model needs (staging included), from its `view` or
+        the one given (the model as a plan has left it so far)."""
+        v = self.view if view is None else view
         return Request(v.name, max(0, v.active_device_bytes - v.device_bytes),
                        max(0, v.active_host_bytes - v.host_bytes) + self.resume_staging_bytes)
 
@@ -104,10 +106,14 @@ class Snapshot:
     models: tuple[ModelSnapshot, ...]
     cost_models: Mapping[str, object] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, ModelSnapshot]:  # a policy looks models up by name many times a tick
+        return {m.name: m for m in reversed(self.models)}  # the first of a name wins, as a scan would find it
+
     def model(self, name: str) -> ModelSnapshot:
-        for m in self.models:
-            if m.name == name:
-                return m
+        m = self._by_name.get(name)
+        if m is not None:
+            return m
         raise StateError(f"no model named {name!r} (registered: {[m.name for m in self.models]})")
 
     def pool(self, request: Request | None = None) -> PoolView:
@@ -194,7 +200,7 @@ def check_actions(snapshot: Snapshot, actions) -> list:
 
 def _need(snapshot: Snapshot, m: ModelView) -> Request:
     s = snapshot.model(m.name)
-    return dataclasses.replace(s, view=m).need()
+    return s.need(m)
 
 
 def set_residency(view: PoolView, m: ModelSnapshot, old: int, fraction: float) -> tuple[PoolView, int]:

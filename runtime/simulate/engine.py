@@ -180,14 +180,52 @@ class Backlog:
 
 
 class SimEngine:
-    """One simulated model's engine (see the module docstring). `resident` is its resident layers."""
+    """One simulated model's engine (see the module docstring). `resident` is its resident layers.
+
+    A decode step costs O(1) and its finished requests, not O(batch): each running request's `generated` is
+    written when it joins or leaves the batch and brought up to date on reading (`running`); the books the
+    step needs (the contexts' sum, which requests need a new block, who finishes when) are kept as requests
+    come and go. Over an hour of traffic the batch's bookkeeping was most of the simulator's own time."""
 
     def __init__(self, config: SimModelConfig):
         self.config = config
         self.resident = round(config.resident_fraction * config.num_layers)
         self.waiting = Backlog()
-        self.running: list[SimRequest] = []
         self.used_blocks = 0
+        self._running: list[SimRequest] = []  # oldest first
+        self._steps = 0  # decode steps taken
+        self._since: dict[int, tuple[int, int]] = {}  # running id -> (decode steps when `generated` was written, seq)
+        self._phase = [0] * config.block_size  # running requests by (context - decode steps) mod block size
+        self._context = 0  # the running requests' summed context
+        self._ends: list[tuple[int, int, SimRequest]] = []  # (the decode step that finishes it, seq, request)
+        self._seq = itertools.count()  # joins, in order (a stale end's seq is no longer its request's)
+
+    @property
+    def running(self) -> list[SimRequest]:
+        """The running requests, oldest first, their `generated` up to date."""
+        for r in self._running:
+            since, seq = self._since[r.id]
+            r.generated += self._steps - since
+            self._since[r.id] = (self._steps, seq)
+        return self._running
+
+    def _join(self, r: SimRequest) -> None:
+        seq, c = next(self._seq), r.prompt_tokens + r.generated
+        self._since[r.id] = (self._steps, seq)
+        self._running.append(r)
+        self._phase[(c - self._steps) % self.config.block_size] += 1
+        self._context += c
+        # decode step s (counted from 0) makes its token number generated + s - steps + 1
+        heapq.heappush(self._ends, (self._steps + r.output_tokens - r.generated - 1, seq, r))
+
+    def _leave(self, r: SimRequest) -> int:
+        """Take `r` off the books (not off `_running`), its `generated` written; its context."""
+        since, _ = self._since.pop(r.id)
+        r.generated += self._steps - since
+        c = r.prompt_tokens + r.generated
+        self._phase[(c - self._steps) % self.config.block_size] -= 1
+        self._context -= c
+        return c
 
     def hand(self, req: SimRequest, now: float) -> None:
         req.started_s = now
@@ -195,7 +233,7 @@ class SimEngine:
 
     @property
     def unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self._running)
 
     def kv_bytes(self) -> int:
         """Device KV bytes its running requests hold (what a swap would move)."""
@@ -205,7 +243,8 @@ class SimEngine:
         """A preemption with KV recompute: every running request goes back to wait, its blocks freed."""
         for req in reversed(self.running):
             self.waiting.appendleft(req)
-        self.running, self.used_blocks = [], 0
+        self._running, self._since, self._ends, self._context, self.used_blocks = [], {}, [], 0, 0
+        self._phase = [0] * self.config.block_size
 
     def prefill_seconds(self, tokens: int) -> float:
         return self.config.cost_model.predict_prefill(self.resident, tokens)
@@ -214,33 +253,35 @@ class SimEngine:
         """One step at `now`: (its seconds, the requests it finished). Decode first, then admit and prefill.
         Tokens are out no earlier than `not_before` (a resume's step waits for the last layer to land)."""
         cfg, cm, block = self.config, self.config.cost_model, self.config.block_size
-        seconds, finished = 0.0, []
-        if self.running:
+        seconds, finished, run = 0.0, [], self._running
+        if run:
             # a request whose context fills its last block needs a new one for its next token: the newest
             # leave (their blocks freed) until the rest fit
-            contexts = [r.prompt_tokens + r.generated for r in self.running]
-            new = sum(1 for c in contexts if c % block == 0)
-            while self.used_blocks + new > cfg.blocks and len(self.running) > 1:
-                victim, c = self.running.pop(), contexts.pop()
+            new = self._phase[-self._steps % block]
+            while self.used_blocks + new > cfg.blocks and len(run) > 1:
+                victim = run.pop()
+                c = self._leave(victim)
                 new -= c % block == 0
-                self.used_blocks -= self.config.blocks_for(c)
+                self.used_blocks -= cfg.blocks_for(c)
                 victim.engine_preemptions += 1
                 self.waiting.appendleft(victim)
-            seconds += cm.predict_step(self.resident, len(self.running), sum(contexts) // len(contexts))
+            seconds += cm.predict_step(self.resident, len(run), self._context // len(run))
             self.used_blocks += new
             t = max(now + seconds, not_before)
-            still = []
-            for r in self.running:
-                r.generated += 1
-                if r.generated >= r.output_tokens:
-                    r.finished_s = t
-                    self.used_blocks -= self.config.blocks_for(r.context)
-                    finished.append(r)
-                else:
-                    still.append(r)
-            self.running = still
+            step, ends = self._steps, self._ends
+            self._steps += 1
+            self._context += len(run)
+            while ends and ends[0][0] <= step:
+                _, seq, r = heapq.heappop(ends)
+                if self._since.get(r.id, (0, -1))[1] != seq:
+                    continue  # it left before (preempted inside the engine), and may be back under another seq
+                r.finished_s = t
+                self.used_blocks -= cfg.blocks_for(self._leave(r))
+                finished.append(r)
+            if finished:
+                self._running = run = [r for r in run if r.id in self._since]
         admitted = []
-        while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
+        while self.waiting and len(run) + len(admitted) < cfg.max_batch_size:
             r = self.waiting[0]
             blocks = self.config.blocks_for(r.context + 1)
             if self.used_blocks + blocks > cfg.blocks:
@@ -260,5 +301,5 @@ class SimEngine:
                     self.used_blocks -= self.config.blocks_for(r.context)
                     finished.append(r)
                 else:
-                    self.running.append(r)
+                    self._join(r)
         return seconds, finished

@@ -131,12 +131,12 @@ class _Run:
         window = min(ARRIVAL_WINDOW_S, max(1.0, now))
         for name, cfg in self.sim.configs.items():
             e, q = self.engines[name], self.queues[name]
-            parts = (q, e.waiting)
-            count = len(q) + len(e.waiting) + len(e.running)
+            parts, running = (q, e.waiting), e.running
+            count = len(q) + len(e.waiting) + len(running)
             oldest = min([t for t in (p.oldest_arrival() for p in parts) if t is not None] +
-                         [r.arrival_s for r in e.running], default=None)
+                         [r.arrival_s for r in running], default=None)
             no_token = [t for t in (p.oldest_without_token() for p in parts) if t is not None] + \
-                [r.arrival_s for r in e.running if r.first_token_s is None]
+                [r.arrival_s for r in running if r.first_token_s is None]
             view = self.view(name)
             active = view.state.active
             arrivals = self.arrivals[name]
@@ -146,13 +146,13 @@ class _Run:
                 waited_s=0.0 if oldest is None else now - max(oldest, self.last_step_at.get(name, oldest)),
                 skipped_ticks=self.skipped[name] if oldest is not None else 0,
                 slo_ttft_s=cfg.slo_ttft_s, slo_tpot_s=cfg.slo_tpot_s,
-                context=(q.context + e.waiting.context + sum(r.context for r in e.running)) // count if count else 0,
+                context=(q.context + e.waiting.context + sum(r.context for r in running)) // count if count else 0,
                 remaining_tokens=max([p.max_remaining() for p in parts] +
-                                     [r.output_tokens - r.generated for r in e.running]),
+                                     [r.output_tokens - r.generated for r in running]),
                 kv_bytes=e.kv_bytes(),
                 first_token_wait_s=now - min(no_token) if no_token else None,
                 first_token_waiting=len(q) - q.with_token + len(e.waiting) - e.waiting.with_token +
-                sum(r.first_token_s is None for r in e.running),
+                sum(r.first_token_s is None for r in running),
                 active_s=now - self.active_since.get(name, 0.0) if active else 0.0,
                 preempted_kv=self.preempted_kv[name], ring_slots=cfg.ring_slots, num_layers=cfg.num_layers,
                 layer_bytes=cfg.layer_bytes,
@@ -217,10 +217,10 @@ class _Run:
                 self.last_used[action.model] = self.tick
             if isinstance(action, (Load, Resume)):
                 self.active_since[action.model] = t
-        self.count_ticks(snap, stepped)
+        self.count_ticks([m.name for m in snap.with_work], stepped)
 
-    def count_ticks(self, snap: Snapshot, stepped: set) -> None:
-        work = [m.name for m in snap.with_work]
+    def count_ticks(self, work: list[str], stepped: set) -> None:
+        """The loop's books after a tick that stepped `stepped` while `work` (names) had work."""
         self.skipped = {n: (0 if n in stepped or n not in work else self.skipped[n] + 1) for n in self.skipped}
         for n in stepped:
             self.last_step_at[n] = self.now
@@ -232,7 +232,8 @@ class _Run:
         none of them about to age."""
         aging = getattr(self.sim.policy, "aging", None)  # a policy without aging has nothing to age
         names = [a.model for a in actions]
-        busy = {m.name for m in snap.with_work}
+        work = [m.name for m in snap.with_work]
+        busy, stepped = set(work), set(names)
         waiting = [(m.name, snap.time - m.oldest_age_s) for m in snap.with_work if m.name not in names] \
             if aging is not None else []
         while self.now < until and self.arrive(busy):
@@ -246,15 +247,16 @@ class _Run:
                 self.busy += seconds
                 self.steps[n] += 1
                 self.last_used[n] = self.tick
-            self.count_ticks(snap, set(names))
+            self.count_ticks(work, stepped)
             if not all(self.queues[n] or self.engines[n].unfinished for n in names):
                 return
 
     def hand(self, name: str) -> SimEngine:
-        e = self.engines[name]
-        for r in self.queues[name]:
-            e.hand(r, self.now)
-        self.queues[name] = Backlog()
+        e, queue = self.engines[name], self.queues[name]
+        if queue:
+            for r in queue:
+                e.hand(r, self.now)
+            self.queues[name] = Backlog()
         return e
 
     def step(self, name: str) -> float:
