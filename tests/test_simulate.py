@@ -426,3 +426,13 @@ def test_gpu_shapes_match_the_published_parameter_counts():
         assert fast.predict_step(s.num_layers // 2, 1, 512) < cm.predict_step(s.num_layers // 2, 1, 512)
     m = gpu_model("x", "llama-3-8b", 2 << 30)
     assert m.device_bytes(m.num_layers) == 2 * PRESETS["llama-3-8b"].param_count() + (2 << 30)
+
+
+def test_the_ranking_compares_orders_and_a_tie_is_no_order():
+    from tidal.simulate.validate import swapped
+    att = lambda live, sim: {"live": live, "sim": sim}  # noqa: E731
+    assert swapped({"lru": att(0.9, 0.8), "cost": att(0.8, 0.9)}) == [("lru", "cost")]
+    assert swapped({"lru": att(0.9, 0.9), "cost": att(0.8, 0.85), "exclusive": att(0.5, 0.6)}) == []
+    # every policy met every SLO live: any simulated order agrees; a simulated tie agrees with a live order
+    assert swapped({"lru": att(1.0, 1.0), "cost": att(1.0, 1.0), "exclusive": att(1.0, 0.965)}) == []
+    assert swapped({"lru": att(0.9, 0.7), "cost": att(0.8, 0.7)}) == []
