@@ -80,7 +80,8 @@ class CostModel:
             raise ConfigError("prefill: no decode samples were measured, so streaming is unknown")
         check_int("resident_layers", resident_layers, 0)
         if resident_layers > self.step.num_layers:
-            raise ConfigError(f"resident_layers={resident_layers} exceeds the model's {self.step.num_layers} layers")
+            raise ConfigError(f"resident_layers={resident_layers} exceeds the model's {self.step.num_layers} "
+                              "layers")
         check_int("tokens", tokens, 0)
         return self.step.streamed(self.recompute.seconds(tokens), self.step.num_layers - resident_layers)
 

@@ -436,8 +436,9 @@ class CostScheduling:
                 now = {m.name: m.resident_layers() for m in members}
                 new_round = sum(step(m, target[m.name]) for m in members)
                 old_round = sum(step(m, now[m.name]) for m in members)
-                moves = sum(self.price(snapshot, m, now[m.name], SetResidency(m.name, target[m.name] / m.num_layers))[0]
-                            or 0.0 for m in members if target[m.name] != now[m.name])
+                moves = sum(self.price(snapshot, m, now[m.name],
+                                       SetResidency(m.name, target[m.name] / m.num_layers))[0] or 0.0
+                            for m in members if target[m.name] != now[m.name])
                 tokens = max(max(1, m.remaining_tokens) for m in members)
                 if new_round > (1 - REBALANCE) * old_round or (old_round - new_round) * tokens <= moves:
                     target = now  # not worth moving layers: a small gain, or one the moves' copies eat
