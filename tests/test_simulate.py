@@ -89,16 +89,7 @@ class PlainEngine:
             context = sum(r.context for r in self.running) // len(self.running)
             seconds += cfg.cost_model.predict_step(self.resident, len(self.running), context)
             self.used_blocks += new
-            t, still = max(now + seconds, not_before), []
-            for r in self.running:
-                r.generated += 1
-                if r.generated >= r.output_tokens:
-                    r.finished_s = t
-                    self.used_blocks -= cfg.blocks_for(r.context)
-                    finished.append(r)
-                else:
-                    still.append(r)
-            self.running = still
+            self.running = self._token(self.running, max(now + seconds, not_before), finished)
         admitted = []
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
             blocks = cfg.blocks_for(self.waiting[0].context + 1)
@@ -111,14 +102,21 @@ class PlainEngine:
             t = max(now + seconds, not_before)
             for r in admitted:
                 r.first_token_s = t if r.first_token_s is None else r.first_token_s
-                r.generated += 1
-                if r.generated >= r.output_tokens:
-                    r.finished_s = t
-                    self.used_blocks -= cfg.blocks_for(r.context)
-                    finished.append(r)
-                else:
-                    self.running.append(r)
+            self.running += self._token(admitted, t, finished)
         return seconds, finished
+
+    def _token(self, requests, t, finished):
+        """Each of `requests` gets its next token at `t`: those done go to `finished`, the rest are returned."""
+        still = []
+        for r in requests:
+            r.generated += 1
+            if r.generated >= r.output_tokens:
+                r.finished_s = t
+                self.used_blocks -= self.config.blocks_for(r.context)
+                finished.append(r)
+            else:
+                still.append(r)
+        return still
 
 
 def _against_plain(seed) -> int:
