@@ -109,21 +109,14 @@ def greedy(step, work, lo: dict, room: float, order: list | None = None) -> dict
     whose next layer does not fit takes no more. `order`: `greedy_order(step, work, lo)`, when already made; it
     may cover more models than `lo` (those take nothing), so one order of every model serves each subset."""
     resident, blocked = dict(lo), set()
-    left = {m.name: m.num_layers - lo[m.name] for m in work if m.name in resident}  # layers each may still take
-    taking = sum(n > 0 for n in left.values())  # models neither blocked nor full: none left ends the walk
     for name, extra in order if order is not None else greedy_order(step, work, lo):
         if name in blocked or name not in resident:
             continue
         if extra > room:
             blocked.add(name)  # the room only shrinks: its next layer never fits
-            taking -= 1
-        else:
-            resident[name] += 1
-            room -= extra
-            left[name] -= 1
-            taking -= not left[name]
-        if not taking:
-            break
+            continue
+        resident[name] += 1
+        room -= extra
     return resident
 
 

@@ -66,12 +66,14 @@ class Pricing:
             raw = cm.step.seconds_all(max(1, m.queued + m.in_flight), m.context)
         except ConfigError:
             raw = [None] * (cm.step.num_layers + 1)
-        if self.correction is None:
-            return raw
-        # two kinds (`sample_kind`): every layer resident, or some streamed
-        resident = self._scaled(m.name, self.sample_kind(m, len(raw) - 1, step), 1.0)
-        streamed = self._scaled(m.name, self.sample_kind(m, 0, step), 1.0)
-        return [None if x is None else x * (resident if r >= m.num_layers else streamed) for r, x in enumerate(raw)]
+        factors: dict = {}  # each kind's correction looked up once (a step has two)
+        out = []
+        for r, x in enumerate(raw):
+            kind = self.sample_kind(m, r, step)
+            if kind not in factors:
+                factors[kind] = self._scaled(m.name, kind, 1.0)
+            out.append(None if x is None else x * factors[kind])
+        return out
 
     @staticmethod
     def sample_kind(m: ModelSnapshot, resident: int, action) -> str | None:
