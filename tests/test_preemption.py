@@ -283,6 +283,24 @@ def test_keep_host_copy_makes_host_preemption_copy_nothing(model, device):
         assert finish(eng, ids, out) == want
 
 
+@pytest.mark.parametrize("keep_host_copy", [False, True])
+def test_a_preemption_frees_the_device_regions_when_it_returns(model, device, keep_host_copy):
+    """Nothing holds a preempted model's device regions: not the copy that moved them to the host, nor the one
+    that made the kept host copy at load (the CPU backend's copy thread once held its last job until the
+    next came, and with it the memory a preemption had released)."""
+    import weakref
+
+    _, path, want = model
+    with engine(path, device, keep_host_copy=keep_host_copy) as eng:
+        ids, out = start(eng)
+        regions = [weakref.ref(t) for t in eng.weights.device.values()]
+        assert regions and all(r() is not None for r in regions)
+        eng.preempt(weights="host", kv="swap")
+        assert [r for r in regions if r() is not None] == []
+        eng.resume()
+        assert finish(eng, ids, out) == want
+
+
 def test_keep_host_copy_in_the_runtime_needs_no_host_growth(model, device):
     _, path, want = model
     kw = dict(block_size=BLOCK, kv_cache_bytes=1 << 20, host_kv_bytes=1 << 20, keep_host_copy=True)

@@ -6,8 +6,8 @@ official `openai` client and httpx through Ray's HTTP proxy.
 Checked: /v1/models; greedy answers equal a single `tidal.Engine`'s for every model; a model's requests keep
 going to the replica that owns it (affinity); a replica that owns two models preempts and resumes them inside
 (tidal's level) instead of loading anew; /v1/tidal/status and /metrics aggregate both replicas, labelled by
-replica; killing a replica's process while requests stream ends each of them, completed or failed with a clear
-error, none hanging, and Ray brings the replica back; everything shuts down at the end."""
+replica; killing a replica's process while requests are answered (streamed or whole) ends each of them, completed
+or failed with a clear error, none hanging, and Ray brings the replica back; everything shuts down at the end."""
 import concurrent.futures
 import os
 import signal
@@ -117,6 +117,10 @@ def test_models_answers_and_affinity(app, client, reference):
         for name in ("smol", "rand0", "rand1"):
             text, replica = _complete(client, name)
             assert (text, replica) == (reference[name], owner[name]), name
+    with client.completions.with_streaming_response.create(model="smol", prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                           temperature=0.0, stream=True) as raw:
+        streamed = "".join(chunk.choices[0].text for chunk in raw.parse() if chunk.choices)
+        assert (streamed, raw.headers[HEADER]) == (reference["smol"], owner["smol"])
     time.sleep(1.5)  # a post to the board
     doc = _status(app)
     assert doc["replicas_reporting"] == 2 and doc["replicas_expected"] == 2
@@ -164,15 +168,15 @@ def test_status_and_metrics_are_labelled_by_replica(app, client):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def _stream(base: str, model: str) -> str:
-    """A streamed completion; 'ok', or the error the client saw (raised or in the stream)."""
+def _ask(base: str, model: str, stream: bool) -> str:
+    """A completion, streamed or whole; 'ok', or the error the client saw (raised or in the stream)."""
     c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
     try:
-        chunks = list(c.completions.create(model=model, prompt=PROMPT, max_tokens=64, temperature=0.0,
-                                           stream=True))
+        answer = c.completions.create(model=model, prompt=PROMPT, max_tokens=64, temperature=0.0, stream=stream)
+        last = ([None] + list(answer))[-1] if stream else answer
     except openai.APIError as exc:
         return f"error: {exc}"
-    return "ok" if chunks and chunks[-1].choices and chunks[-1].choices[0].finish_reason else "cut"
+    return "ok" if last is not None and last.choices and last.choices[0].finish_reason else "cut"
 
 
 def test_a_killed_replica_fails_or_finishes_every_request_and_comes_back(app, client, reference):
@@ -180,7 +184,7 @@ def test_a_killed_replica_fails_or_finishes_every_request_and_comes_back(app, cl
     owner = doc["owners"]["smol"][0]
     actor = doc["replicas"][owner]["actor"]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_stream, app["base"], "smol") for _ in range(4)]
+        futures = [pool.submit(_ask, app["base"], "smol", stream) for stream in (True, False, True, False)]
         time.sleep(0.5)  # the requests are in flight on the owner
         os.kill(actor["pid"], signal.SIGKILL)  # the replica's process dies, as in a crash
         outcomes = [f.result(timeout=90) for f in futures]  # none hangs

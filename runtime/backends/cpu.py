@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import TransferError
 from .base import Backend, Event, Stall, Transfer
+from .cpumem import MappingCache
 from .link import LinkEmulation
 
 log = logging.getLogger("tidal")
@@ -23,16 +25,33 @@ HUGE_PAGE_MIN_BYTES = 4 << 20
 _HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
 
 
+def _mapping(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping of `nbytes`, advised to use transparent huge pages (a hint: where THP is "never"
+    the pages are 4 KiB, as without it)."""
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _HUGE_PAGES:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
 def empty_host(nbytes: int) -> torch.Tensor:
     """`nbytes` uint8 of host memory; from HUGE_PAGE_MIN_BYTES up, an anonymous mapping advised to use
-    transparent huge pages. The weights' regions and arenas are allocated afresh at each preemption and
-    resume, and first-touch page faults on 4 KiB pages dominated those copies here: 2 GiB copied into fresh
-    memory at 2 GB/s, against 7 GB/s with huge pages and 16 GB/s into touched memory."""
+    transparent huge pages. Host arenas are allocated afresh at each preemption, and first-touch page faults on
+    4 KiB pages dominated those copies here: 2 GiB copied into fresh memory at 2 GB/s, against 7 GB/s with huge
+    pages and 16 GB/s into touched memory. (Device buffers come from DEVICE_MEMORY, which reuses its pages.)"""
     if nbytes < HUGE_PAGE_MIN_BYTES or not _HUGE_PAGES:
         return torch.empty(nbytes, dtype=torch.uint8)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)  # a hint: where THP is "never" the pages are 4 KiB, as without it
-    return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor holds the mapping; unmapped with it
+    return torch.frombuffer(_mapping(nbytes), dtype=torch.uint8)  # the tensor holds the mapping; unmapped with it
+
+
+# The emulated device's memory, one per process as torch's CUDA caching allocator is: a model's device buffers
+# reuse the mappings another model (or its own preemption) gave back, instead of faulting in new pages.
+DEVICE_MEMORY = MappingCache(_mapping)
+DEVICE_CACHE_ENV = "TIDAL_CPU_DEVICE_CACHE"  # "0": each large device buffer a new mapping (for comparison)
+
+
+def device_cache_enabled() -> bool:
+    return os.environ.get(DEVICE_CACHE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class CpuEvent(Event):
@@ -119,6 +138,8 @@ def _copy_worker(jobs: queue.SimpleQueue, link: LinkEmulation | None) -> None:
                 if remaining > 0:
                     time.sleep(remaining)
         transfer.end = time.perf_counter()
+        # the job's tensors go now, not when the next job comes: a device buffer it copied into may be freed
+        job = fn = None
         transfer.set(error)
 
 
@@ -143,6 +164,10 @@ class CpuBackend(Backend):
         if not _HUGE_PAGES:
             log.info("tidal: no MADV_HUGEPAGE here; the CPU backend's large buffers use 4 KiB pages")
         self._last: CpuTransfer | None = None
+        self._memory_owner = object()  # this backend's key in DEVICE_MEMORY (unique while a buffer holds it)
+        self._cache_device_memory = device_cache_enabled()
+        if not self._cache_device_memory:
+            log.info("tidal: %s=0: the CPU backend maps each large device buffer anew (no reuse)", DEVICE_CACHE_ENV)
         # Runs at close, garbage collection or interpreter exit: a daemon thread still inside a copy when the
         # interpreter tears down would be killed mid-call.
         self._finalizer = weakref.finalize(self, _stop_worker, self._jobs, self._thread)
@@ -151,7 +176,11 @@ class CpuBackend(Backend):
         return empty_host(nbytes)
 
     def _empty(self, nbytes: int) -> torch.Tensor:
-        return empty_host(nbytes)
+        if nbytes < HUGE_PAGE_MIN_BYTES:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        if not self._cache_device_memory:
+            return empty_host(nbytes)
+        return DEVICE_MEMORY.take(nbytes, owner=self._memory_owner)
 
     def _release_host_buffer(self, buf: torch.Tensor) -> None:
         pass
@@ -192,3 +221,4 @@ class CpuBackend(Backend):
     def close(self) -> None:
         self.synchronize()
         self._finalizer()
+        DEVICE_MEMORY.trim(owner=self._memory_owner)  # this backend's buffers go back to the OS, as torch.cuda.empty_cache

@@ -136,6 +136,17 @@ class Replica:
             if model:
                 self._using[model] -= 1
 
+    async def answer(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> dict:
+        """`handle`'s answer whole, {"status", "headers", "body"}: one return through Ray for a request that
+        does not stream, instead of a streamed item per chunk."""
+        start, chunks = None, []
+        async for item in self.handle(method, path, query, headers, body):
+            if start is None:
+                start = item
+            else:
+                chunks.append(item)
+        return {**start, "body": b"".join(chunks)}
+
     def owned(self) -> list[str]:
         return sorted(self._owned)
 

@@ -56,7 +56,7 @@ class Router:
             return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
 
     async def _forward(self, request, path: str):
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
 
         body = await request.body()
         doc = parse_json(body)
@@ -67,9 +67,13 @@ class Router:
             raise InvalidRequest(f"the model {model!r} does not exist (served: {', '.join(sorted(self.models))})",
                                  "model", status=404, code="model_not_found")
         stream = bool(doc.get("stream"))
-        answer = self.replicas.options(multiplexed_model_id=model, stream=True).handle.remote(
-            request.method, path, request.url.query.encode(), list(request.headers.raw), body)
+        args = (request.method, path, request.url.query.encode(), list(request.headers.raw), body)
+        replica = self.replicas.options(multiplexed_model_id=model, stream=stream)
         try:
+            if not stream:  # one answer, one return through Ray
+                whole = await replica.answer.remote(*args)
+                return Response(whole["body"], status_code=whole["status"], headers=_headers(whole["headers"]))
+            answer = replica.handle.remote(*args)
             start = await answer.__anext__()
         except Exception as exc:  # the replica died, or could not take the model
             log.error("tidal ray: %s for %s failed before answering: %r", path, model, exc)
@@ -82,16 +86,12 @@ class Router:
                     yield chunk
             except Exception as exc:  # the status line has gone out: say so in the stream, as OpenAI's do
                 log.error("tidal ray: %s for %s failed mid-answer: %r", path, model, exc)
-                if stream:
-                    yield sse(error_body(f"the replica serving {model!r} failed: {_reason(exc)}", "server_error"))
-                    yield DONE
-                else:
-                    raise
+                yield sse(error_body(f"the replica serving {model!r} failed: {_reason(exc)}", "server_error"))
+                yield DONE
             finally:
                 answer.cancel()  # a client that went away: the replica's app sees it disconnect
 
-        headers = {k: v for k, v in start["headers"] if k.lower() != "content-length"}
-        return StreamingResponse(rest(), status_code=start["status"], headers=headers)
+        return StreamingResponse(rest(), status_code=start["status"], headers=_headers(start["headers"]))
 
     async def _posts(self) -> dict:
         return await asyncio.wait_for(self.board.read.remote(), READ_TIMEOUT_S)
@@ -111,6 +111,11 @@ class Router:
         from .metrics import merge
 
         return merge({r: d["metrics"] for r, d in (await self._posts()).items()})
+
+
+def _headers(pairs) -> dict:
+    """The replica's headers for the router's response (which sets its own content-length)."""
+    return {k: v for k, v in pairs if k.lower() != "content-length"}
 
 
 def _reason(exc: BaseException) -> str:
