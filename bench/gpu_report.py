@@ -22,6 +22,7 @@ RELOAD_PINNED = 0.90  # weight reload >= 90% of pinned H2D (issue 6)
 TTFT_PIPELINED = 0.5  # pipelined / full time to first token at resident 0 (issue 6)
 ENGINE_VS_HF = {1: 1.0, 8: 2.0}  # tidal / transformers decode tok/s, all resident, per batch (issue 5)
 ENGINE_VS_ACCELERATE = 1.0  # tidal / accelerate decode tok/s at resident 0, batch 1 (issue 12)
+SWITCH_VS_REBUILD = 5.0  # a model rebuilt at each switch / tidal's preempt + resume, time to first token (issue 17)
 MET, MISSED, NOT_MEASURED = "MET", "MISSED", "NOT MEASURED"
 _OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
         "==": lambda a, b: a == b}
@@ -151,6 +152,24 @@ def _engine(results, quick):
     return out
 
 
+def _switch(results, quick):
+    res = results["sections"].get("switch", {})
+    targets, why = res.get("targets") or {}, _why(results, "switch")
+    rows = {(r["model"], r["arm"]): r for r in res.get("rows", []) if "switch_median_s" in r}
+    out = []
+    for m, g in gpu_plan.grid(gpu_plan.SWITCH, quick):
+        v = targets.get(m.label, {})
+        t, h = rows.get((m.label, "tidal")), rows.get((m.label, "rebuild-hf"))
+        detail = ""
+        if t and h:
+            detail = (f"{h['switch_median_s']:.3f} / {t['switch_median_s']:.3f} s, from {g['other'].label}; a "
+                      f"free switch would be {v.get('free_switch_bound', 0):.1f}x")
+        out.append(_verdict("time to first token after a switch, model rebuilt (transformers) / tidal",
+                            m.label, v.get("speedup_vs_rebuild-hf"), ">=", SWITCH_VS_REBUILD, "switch", detail,
+                            why))
+    return out
+
+
 def _tests(results, quick):
     res = results["sections"].get("tests", {})
     c = res.get("counts") or {}
@@ -166,7 +185,7 @@ def _tests(results, quick):
                      why)]
 
 
-VERDICTS = [_tests, _kernels, _kv, _streaming, _engine, _preemption]
+VERDICTS = [_tests, _kernels, _kv, _streaming, _engine, _preemption, _switch]
 
 
 def verdicts(results: dict) -> list[dict]:

@@ -32,7 +32,7 @@ def test_plan_prints_every_section_without_importing_torch(tmp_path):
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
     for name in gpu_plan.SECTIONS:
         assert name in lines, proc.stdout
-    for name in ("streaming", "engine", "preemption"):  # the 8B model runs in each of them
+    for name in ("streaming", "engine", "preemption", "switch"):  # the 8B model runs in each of them
         assert "Llama-3-8B" in lines[name], lines[name]
     assert not (tmp_path / "work").exists()  # nothing ran
 
@@ -109,7 +109,8 @@ def test_quick_run_writes_results_and_the_fragment_with_verdicts():
     for name, res in results["sections"].items():
         assert res["status"] == "ok", (name, res["status"], res.get("traceback"))
     verdicts = results["verdicts"]
-    assert {v["section"] for v in verdicts} == {"tests", "kernels", "kv", "streaming", "engine", "preemption"}
+    assert {v["section"] for v in verdicts} == {"tests", "kernels", "kv", "streaming", "engine", "preemption",
+                                                 "switch"}
     for v in verdicts:
         assert set(v) >= {"target", "where", "value", "op", "threshold", "verdict", "detail"}, v
         assert v["verdict"] in VERDICTS
@@ -147,6 +148,20 @@ def test_quick_streaming_engine_and_preemption_sections():
     assert cells[(2, 256)]["kv_bytes"] == 2 * cells[(1, 256)]["kv_bytes"] == 8 * cells[(1, 64)]["kv_bytes"]
     ttft = {r["resident_fraction"]: r for r in res["ttft"]}
     assert set(ttft) == {0.0, 0.5} and all(r["ratio"] > 0 for r in ttft.values()), ttft
+
+
+def test_quick_switch_section():
+    """Every arm switched to A twice and answered A twice without a switch; the target's ratio is rebuild-hf's
+    median switch over tidal's, as the table says."""
+    res, _ = section("switch")
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert set(rows) == {"tidal", "rebuild-hf", "rebuild-tidal"}
+    for r in rows.values():
+        assert len(r["switch_s"]) == 2 and r["switch_median_s"] > 0 and r["stay_median_s"] > 0, r
+    v = res["targets"]["micro"]
+    assert v["speedup_vs_rebuild-hf"] == rows["rebuild-hf"]["switch_median_s"] / rows["tidal"]["switch_median_s"]
+    assert v["target_met"] == (v["speedup_vs_rebuild-hf"] >= 5.0)
+    assert f"{v['speedup_vs_rebuild-hf']:.1f}x vs rebuild-hf" in res["table"]
 
 
 def test_quick_checkpoints_kv_study_and_tests_sections():
