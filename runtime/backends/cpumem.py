@@ -39,7 +39,7 @@ def align_up(n: int, align: int = MAPPING_ALIGN) -> int:
 class CacheStats:
     live_bytes: int  # segments in use by a tensor
     free_bytes: int  # mapped, not in use
-    peak_bytes: int  # the most live bytes since the last trim
+    peak_bytes: int  # the most live bytes since the last trim, less what trimmed owners gave back since
     reused: int  # buffers served from an existing mapping
     mapped: int  # buffers served from a new mapping
 
