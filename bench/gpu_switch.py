@@ -19,33 +19,19 @@ gpu_report.SWITCH_VS_REBUILD times shorter than rebuild-hf's. Arms are started o
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
 import torch
 
 import gpu_plan
+from gpu_engine import dtype_for
 from gpu_report import SWITCH_VS_REBUILD
+from preemption_runs import free_memory
+from tidal.study.hf import sync
 
 PROMPT = [1] + [(7 * i + 3) % 500 + 2 for i in range(15)]  # 16 ids inside every preset's vocabulary
 KV_BYTES = {"gpu": 1 << 30, "quick": 16 << 20}
-
-
-def dtype_for(device: str):
-    # bf16 on a GPU, as the target is stated; the CPU smoke run takes fp32, which this CPU computes natively
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _sequence(ask, rounds: int, load_first: bool) -> tuple[list[float], list[float]]:
@@ -82,7 +68,7 @@ def _tidal(paths: dict, ctx, kv: int, rounds: int):
     finally:
         sched.close()
         rt.close()
-        _free(ctx.device)
+        free_memory(ctx.device)
 
 
 def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
@@ -106,15 +92,18 @@ def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
                                                             device_map=ctx.device).eval()
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_for(ctx.device)).eval()
 
+    def drop() -> None:  # Ray's eviction: the model object goes, and its memory with it
+        old = held.pop("model", None)
+        if old is not None:
+            if kind == "rebuild-tidal":
+                old.close()
+            del old
+            free_memory(ctx.device)
+
     def ask(name: str) -> float:
         t0 = time.perf_counter()
         if held.get("name") != name:
-            old = held.pop("model", None)
-            if old is not None:  # Ray's eviction: the model object goes, and its memory with it
-                if kind == "rebuild-tidal":
-                    old.close()
-                del old
-                _free(ctx.device)
+            drop()
             held.update(name=name, model=build(paths[name]))
         model = held["model"]
         if kind == "rebuild-tidal":
@@ -122,17 +111,13 @@ def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
         else:
             with torch.inference_mode():
                 model.generate(torch.tensor([PROMPT], device=ctx.device), max_new_tokens=1, do_sample=False)
-        _sync(ctx.device)
+        sync(torch.device(ctx.device))
         return time.perf_counter() - t0
 
     try:
         return _sequence(ask, rounds, load_first=False)
     finally:
-        old = held.pop("model", None)
-        if old is not None and kind == "rebuild-tidal":
-            old.close()
-        del old
-        _free(ctx.device)
+        drop()
 
 
 def _row(m, other, arm: str, switch: list[float], stay: list[float]) -> dict:

@@ -176,11 +176,9 @@ class CpuBackend(Backend):
         return empty_host(nbytes)
 
     def _empty(self, nbytes: int) -> torch.Tensor:
-        if nbytes < HUGE_PAGE_MIN_BYTES:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        if not self._cache_device_memory:
-            return empty_host(nbytes)
-        return DEVICE_MEMORY.take(nbytes, owner=self._memory_owner)
+        if self._cache_device_memory and nbytes >= HUGE_PAGE_MIN_BYTES:
+            return DEVICE_MEMORY.take(nbytes, owner=self._memory_owner)
+        return empty_host(nbytes)
 
     def _release_host_buffer(self, buf: torch.Tensor) -> None:
         pass
