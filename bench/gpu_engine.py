@@ -13,20 +13,14 @@ as not run.
 """
 from __future__ import annotations
 
-import gc
 import math
 import time
 
 import torch
 
 import gpu_plan
+from tidal.study.hf import free
 from tidal.study.runs import decode_rounds, hf_generator, same_length_prompts, tidal_generator
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def dtype_for(device: str):
@@ -81,7 +75,7 @@ def _variant(m, kind, path, fraction, batches, g, ctx, deadline) -> list[dict]:
     finally:
         close()
         del gen, close, engine
-        _free(ctx.device)
+        free(ctx.device)
     return rows
 
 
@@ -153,7 +147,7 @@ def run(ctx) -> dict:
             except Exception as exc:  # e.g. out of memory: the row says so, the section goes on
                 rows += [dict(model=m.label, kind=name, resident_fraction=fraction, batch=b,
                               skipped=f"{type(exc).__name__}: {str(exc)[:160]}") for b in batches]
-                _free(ctx.device)
+                free(ctx.device)
             add_bounds(rows, bw["h2d_gbps"])
             ctx.progress(result)
     add_bounds(rows, bw["h2d_gbps"])

@@ -25,9 +25,10 @@ import torch
 
 import gpu_plan
 from gpu_report import RELOAD_PINNED as RELOAD_TARGET, TTFT_PIPELINED as TTFT_TARGET
-from preemption_runs import (BREAKDOWN_HEADERS, TTFT_HEADERS, breakdown, breakdown_table_rows, free_memory,
+from preemption_runs import (BREAKDOWN_HEADERS, TTFT_HEADERS, breakdown, breakdown_table_rows,
                              kv_pool_bytes, shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows)
 from shaped_checkpoint import LLAMA_3_2_1B, LLAMA_3_8B, TINY
+from tidal.study.hf import free
 from tidal.study.runs import warm_up
 
 SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3-8b": LLAMA_3_8B, "micro": TINY}
@@ -84,7 +85,7 @@ def _ttft(m, path, ctx, g, fraction) -> dict:
     finally:
         engine.close()
         del engine
-        free_memory(ctx.device)
+        free(ctx.device)
 
 
 def _breakdown(m, path, ctx, g, result) -> None:
@@ -115,7 +116,7 @@ def _breakdown(m, path, ctx, g, result) -> None:
     finally:
         engine.close()
         del engine
-        free_memory(ctx.device)
+        free(ctx.device)
 
 
 def verdicts(rows: list[dict], ttft: list[dict], h2d_gbps: float) -> dict:

@@ -12,7 +12,6 @@ variants each load the checkpoint afresh (its hooks replace the offloaded weight
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import torch
 
 import gpu_plan
 from gpu_engine import dtype_for
+from tidal.study.hf import free
 
 CONTEXT = 128
 
@@ -34,12 +34,6 @@ def _load(path, device, dtype):
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def _free(device):
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def decode_step_time(model, device, steps: int, deadline: float) -> float:
@@ -109,7 +103,7 @@ def _accelerate_rows(path, m, g, ctx, result) -> None:
         accelerate_offload(model, streamed, device=ctx.device)
         step = decode_step_time(model, ctx.device, g["steps"], time.monotonic() + 2 * est)
         del model
-        _free(ctx.device)
+        free(ctx.device)
         result["decode"].append(dict(model=m.label, kind="accelerate", resident_fraction=f,
                                      step_ms=step * 1e3, tok_s=1 / step))
         ctx.log(f"{m.label} accelerate {f}: {step * 1e3:.1f} ms/step")
@@ -176,7 +170,7 @@ def run(ctx) -> dict:
             _tidal_rows(model, m, g, ctx, result)
         finally:
             del model
-            _free(ctx.device)
+            free(ctx.device)
         _accelerate_rows(path, m, g, ctx, result)
         add_bounds(result["decode"], bw["h2d_gbps"])
         ctx.progress(result)

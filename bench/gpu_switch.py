@@ -27,8 +27,7 @@ import torch
 import gpu_plan
 from gpu_engine import dtype_for
 from gpu_report import SWITCH_VS_REBUILD
-from preemption_runs import free_memory
-from tidal.study.hf import sync
+from tidal.study.hf import free, sync
 
 PROMPT = [1] + [(7 * i + 3) % 500 + 2 for i in range(15)]  # 16 ids inside every preset's vocabulary
 KV_BYTES = {"gpu": 1 << 30, "quick": 16 << 20}
@@ -68,7 +67,7 @@ def _tidal(paths: dict, ctx, kv: int, rounds: int):
     finally:
         sched.close()
         rt.close()
-        free_memory(ctx.device)
+        free(ctx.device)
 
 
 def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
@@ -98,7 +97,7 @@ def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
             if kind == "rebuild-tidal":
                 old.close()
             del old
-            free_memory(ctx.device)
+            free(ctx.device)
 
     def ask(name: str) -> float:
         t0 = time.perf_counter()
@@ -111,7 +110,7 @@ def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
         else:
             with torch.inference_mode():
                 model.generate(torch.tensor([PROMPT], device=ctx.device), max_new_tokens=1, do_sample=False)
-        sync(torch.device(ctx.device))
+        sync(ctx.device)
         return time.perf_counter() - t0
 
     try:

@@ -16,7 +16,6 @@ synthetic context and the round trips are `tidal.study.runs`'s (`tidal profile` 
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import shutil
@@ -205,7 +204,3 @@ def skipped_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-def free_memory(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()

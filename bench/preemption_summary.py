@@ -33,8 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from preemption_runs import (BREAKDOWN_HEADERS, MODELS, TTFT_HEADERS, breakdown,  # noqa: E402
-                             breakdown_table_rows, cached_shaped, describe, free_memory, kv_pool_bytes,
+                             breakdown_table_rows, cached_shaped, describe, kv_pool_bytes,
                              shape_bytes, skipped_lines, ttft_rounds, ttft_table_rows)
+from tidal.study.hf import free  # noqa: E402
 from tidal.study.runs import warm_up  # noqa: E402
 
 GIB = 1 << 30
@@ -87,7 +88,7 @@ def run_breakdown(name: str, contexts, batches, reps: int, max_bytes: int) -> li
     finally:
         engine.close()
         del engine
-        free_memory("cpu")
+        free("cpu")
     return rows
 
 
@@ -108,7 +109,7 @@ def run_ttft(name: str, fractions, batch: int, prompt_len: int, reps: int) -> li
         finally:
             engine.close()
             del engine
-            free_memory("cpu")
+            free("cpu")
         print(f"  {name} resident {f}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return rows
 

@@ -35,6 +35,7 @@ def quiet_loads():
 def sync(device) -> None:
     import torch
 
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -43,7 +44,7 @@ def free(device) -> None:
     import torch
 
     gc.collect()
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
 
