@@ -19,7 +19,7 @@ import torch
 
 import gpu_plan
 from gpu_engine import dtype_for
-from tidal.study.hf import free
+from tidal.study.hf import free, sync
 
 CONTEXT = 128
 
@@ -29,11 +29,6 @@ def _load(path, device, dtype):
 
     kw = {} if device == "cpu" else {"device_map": device}
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode_step_time(model, device, steps: int, deadline: float) -> float:
@@ -51,11 +46,11 @@ def decode_step_time(model, device, steps: int, deadline: float) -> float:
         cache = DynamicCache()
         for i, layer in enumerate(prefix.layers):
             cache.update(layer.keys, layer.values, i)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model(token, past_key_values=cache, position_ids=pos, use_cache=True)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

@@ -202,5 +202,3 @@ def skipped_lines(rows: list[dict]) -> list[str]:
                      else f"resident {r['resident_fraction']}")
             out.append(f"not run: {r['model']} {where}: {r['skipped']}")
     return out
-
-
