@@ -12,7 +12,10 @@ import concurrent.futures
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -231,17 +234,11 @@ def test_everything_shuts_down(app):
         httpx.get(app["base"] + "/health", timeout=5)
 
 
-def test_the_command_serves_and_exits_0_on_sigterm(app, reference):
-    """`tidal serve --ray` as a user runs it: its own local cluster, one model, an answer, SIGTERM, exit 0."""
-    import subprocess
-    import sys
-
-    port, m = _free_port(), app["models"]["rand0"]
-    cmd = [sys.executable, "-m", "tidal", "serve", "--ray", "--replicas", "1", "--model", f"rand0={m.path}",
-           "--kv-cache", str(RAND_KV), "--device", "cpu", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def _answers_until(proc, base: str, reference: str, stop: int) -> None:
+    """Wait for the server `proc` started to answer at `base`, check one greedy completion of rand0 against
+    `reference`, send it `stop`, and check that it exits 0 and that nothing answers at `base` afterwards."""
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             try:
@@ -249,15 +246,51 @@ def test_the_command_serves_and_exits_0_on_sigterm(app, reference):
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "tidal serve --ray did not come up"
+            assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.5)
         r = httpx.post(base + "/v1/completions", json={"model": "rand0", "prompt": PROMPT, "max_tokens": MAX_TOKENS,
                                                        "temperature": 0.0}, timeout=60)
-        assert r.json()["choices"][0]["text"] == reference["rand0"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        assert r.json()["choices"][0]["text"] == reference
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-2000:]
         with pytest.raises(httpx.TransportError):
             httpx.get(base + "/health", timeout=5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_command_serves_and_exits_0_on_sigterm(app, reference):
+    """`tidal serve --ray` as a user runs it: its own local cluster, one model, an answer, SIGTERM, exit 0."""
+    port, m = _free_port(), app["models"]["rand0"]
+    cmd = [sys.executable, "-m", "tidal", "serve", "--ray", "--replicas", "1", "--model", f"rand0={m.path}",
+           "--kv-cache", str(RAND_KV), "--device", "cpu", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _answers_until(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGTERM)
+
+
+def test_the_documented_serve_config_runs_with_serve_run(app, reference, tmp_path):
+    """docs/SCALING.md's Serve config file, as `serve run` (and `serve deploy`) take it: it passes Ray's own
+    schema, and, pointed at a tidal config file here (a local port; no runtime_env: tidal is installed), Ray's
+    CLI serves the model with it and stops at Ctrl-C."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (Path(__file__).parents[1] / "docs" / "SCALING.md").read_text()
+    doc = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    ServeDeploySchema.model_validate(doc)
+    (application,) = doc["applications"]
+    assert application["import_path"] == "tidal.ray.app:build"
+    m, port = app["models"]["rand0"], _free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'device = "cpu"\nlog_level = "warning"\n[ray]\nreplicas = 1\nnum_cpus = 1\n'
+                      f'[models.rand0]\npath = "{m.path}"\ndtype = "float32"\nkv_cache_bytes = {RAND_KV}\n'
+                      f'kernels = "reference"\n')
+    doc["http_options"].update(host="127.0.0.1", port=port)
+    application["args"]["config"] = str(config)
+    del application["runtime_env"]
+    (tmp_path / "tidal-serve.yaml").write_text(yaml.safe_dump(doc))
+    serve_cli = Path(sys.executable).with_name("serve")
+    proc = subprocess.Popen([str(serve_cli), "run", "tidal-serve.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _answers_until(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGINT)

@@ -22,8 +22,10 @@ def build_app(config, ray_config):
     # at shutdown, the requests in flight get the server's grace period; the board, whose posts never stop
     # while replicas live (each a request), none
     grace = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": config.shutdown_grace_s + 5.0}
+    # the board takes a post from each replica every POST_INTERVAL_S: no access-log line for each
     board = serve.deployment(Board, name="TidalBoard", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                             graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=0.5).bind()
+                             graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=0.5,
+                             logging_config={"enable_access_log": False}).bind()
     replicas = serve.deployment(
         Replica, name="TidalReplica", num_replicas=ray_config.replicas,
         max_ongoing_requests=ray_config.max_ongoing_requests,
