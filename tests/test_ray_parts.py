@@ -1,11 +1,16 @@
 """tidal.ray's parts without a cluster: one request through an ASGI app in process (`asgi.call`), as a replica
-runs `tidal serve`'s app; the replicas' metrics merged and labelled by replica (`metrics.merge`)."""
+runs `tidal serve`'s app; the replicas' metrics merged and labelled by replica (`metrics.merge`); the builder
+`serve run`/`serve deploy` import (`app.build`), its arguments checked."""
 import asyncio
+
+import pytest
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from tidal.errors import ConfigError
+from tidal.ray.app import build
 from tidal.ray.asgi import call
 from tidal.ray.metrics import merge
 from tidal.serve.metrics import ServeMetrics
@@ -74,3 +79,19 @@ def test_replicas_metrics_are_merged_with_a_replica_label():
     assert values == {("request_success_total", "r1"): 2.0, ("request_success_total", "r2"): 5.0,
                       ("num_requests_waiting", "r1"): 3.0, ("num_requests_waiting", "r2"): 6.0}
     assert merge({}) == b""
+
+
+def test_the_builder_takes_the_config_file_and_checks_its_arguments(tmp_path):
+    from ray import serve
+
+    config = tmp_path / "serve.toml"
+    config.write_text('device = "cpu"\n[ray]\nreplicas = 3\n[models.a]\npath = "tiny"\n')
+    assert isinstance(build({"config": str(config)}), serve.Application)
+    assert isinstance(build({"config": str(config), "replicas": "2", "max_models_per_replica": 1}),
+                      serve.Application)
+    for args, match in (({}, r"config=FILE.*got \[\]"), ({"config": str(config), "replica": "2"}, "'replica'"),
+                        ({"config": str(config), "replicas": "two"}, "replicas='two' is not an integer"),
+                        ({"config": str(config), "replicas": "0"}, "replicas=0"),
+                        ({"config": str(tmp_path / "none.toml")}, "none.toml")):
+        with pytest.raises(ConfigError, match=match):
+            build(args)

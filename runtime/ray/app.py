@@ -42,13 +42,19 @@ def build(args: dict):
     from ..serve import config as serve_config
     from . import config as ray_config
 
+    from ..errors import ConfigError
+
+    usage = "tidal.ray.app:build takes config=FILE [replicas=N] [max_models_per_replica=K]"
     unknown = sorted(set(args) - {"config", "replicas", "max_models_per_replica"})
     if unknown or "config" not in args:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"tidal.ray.app:build takes config=FILE [replicas=N] [max_models_per_replica=K]; got "
-                          f"{sorted(args)}")
-    flags = {k: int(args[k]) for k in ("replicas", "max_models_per_replica") if k in args}
+        raise ConfigError(f"{usage}; got {sorted(args)}")
+    flags = {}
+    for k in ("replicas", "max_models_per_replica"):
+        if k in args:  # `serve run` passes them as strings, a config file's args as YAML values
+            try:
+                flags[k] = int(args[k])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{usage}; {k}={args[k]!r} is not an integer") from None
     return build_app(serve_config.build(args["config"]), ray_config.build(args["config"], **flags))
 
 
