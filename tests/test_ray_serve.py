@@ -5,10 +5,12 @@ official `openai` client and httpx through Ray's HTTP proxy.
 
 Checked: /v1/models; greedy answers equal a single `tidal.Engine`'s for every model; a model's requests keep
 going to the replica that owns it (affinity); a replica that owns two models preempts and resumes them inside
-(tidal's level) instead of loading anew; /v1/tidal/status and /metrics aggregate both replicas, labelled by
-replica; killing a replica's process while requests are answered (streamed or whole) ends each of them, completed
+(tidal's level) instead of loading anew; a model Ray's LRU takes from a replica is removed from its scheduler
+and loads anew when it comes back (Ray's level, a second application); /v1/tidal/status and /metrics aggregate
+both replicas, labelled by replica; killing a replica's process while requests are answered (streamed or whole) ends each of them, completed
 or failed with a clear error, none hanging, and Ray brings the replica back; everything shuts down at the end."""
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import socket
@@ -169,6 +171,35 @@ def test_status_and_metrics_are_labelled_by_replica(app, client):
     assert "smol" in r.json()["error"]["message"]
     r = httpx.post(app["base"] + "/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_model_ray_takes_away_is_removed_from_the_replica_and_loads_anew_when_it_comes_back(app, reference):
+    """Ray's level alone: a second application on the same cluster, one replica owning one model at a time. A
+    request for the other model makes Ray's LRU take the first away: the replica's scheduler drops it (its
+    host and device bytes freed: the status lists only the new one), and it loads anew when asked again."""
+    models = tuple(dataclasses.replace(app["models"][n], kv_cache_bytes=16 << 20, keep_host_copy=True)
+                   for n in ("rand0", "rand1"))
+    config = ServeConfig(models, device="cpu", policy="lru", warmup=False, log_level="warning")
+    # no CPU: the first application's replicas hold the cluster's two
+    serve.run(build_app(config, RayConfig(replicas=1, max_models_per_replica=1, num_cpus=0, app_name="evict")),
+              name="evict", route_prefix="/evict")
+    try:
+        base = app["base"] + "/evict"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        host_used = {}
+        for name in ("rand0", "rand1", "rand0"):
+            assert _complete(client, name)[0] == reference[name], name
+            answered = time.time()  # a post after the answer: the model loaded, the other one removed
+            doc = _status({"base": base}, until=lambda d: d["replicas_reporting"] == 1 and
+                          all(r["posted_at"] > answered for r in d["replicas"].values()))
+            (replica,) = doc["replicas"].values()
+            assert replica["owned"] == [name] and sorted(replica["models"]) == [name], (name, doc["owners"])
+            host_used.setdefault(name, set()).add(replica["budgets"]["host_used_bytes"])
+        assert all(len(v) == 1 and min(v) > 0 for v in host_used.values()), host_used  # each alone, each time
+        loads = [s["model"] for s in replica["recent_switches"] if s["action"] == "Load"]
+        assert loads == ["rand0", "rand1", "rand0"], replica["recent_switches"]
+    finally:
+        serve.delete("evict")
 
 
 def _ask(base: str, model: str, stream: bool) -> str:
