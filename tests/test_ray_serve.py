@@ -37,6 +37,7 @@ from tidal.text import Tokenizer
 # one model and never two (their weights alone are 26 MB, SmolLM2's 540 MB)
 SMOL_KV, RAND_KV = 16 << 20, 320 << 20
 PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 12
 HEADER = "x-tidal-replica"
 
@@ -85,13 +86,17 @@ def client(app):
 
 @pytest.fixture(scope="module")
 def reference(app):
-    """Each model's greedy answer to PROMPT from a single tidal.Engine in this process."""
+    """Each model's greedy answer to PROMPT from a single tidal.Engine in this process, and SmolLM2's to CHAT
+    (its chat template's prompt)."""
     out = {}
     for name, m in app["models"].items():
         tok = Tokenizer.from_checkpoint(m.path)
         with tidal.Engine.from_pretrained(m.path, device="cpu", **m.engine_kwargs()) as engine:
             ids = engine.generate([tok.encode(PROMPT)], max_new_tokens=MAX_TOKENS)[0]
-        out[name] = tok.decode([t for t in ids if t not in tok.eos_token_ids])
+            out[name] = tok.decode([t for t in ids if t not in tok.eos_token_ids])
+            if name == "smol":  # the real model has a chat template
+                ids = engine.generate([tok.chat_prompt(CHAT)], max_new_tokens=MAX_TOKENS)[0]
+                out["smol-chat"] = tok.decode([t for t in ids if t not in tok.eos_token_ids])
     return out
 
 
@@ -126,6 +131,9 @@ def test_models_answers_and_affinity(app, client, reference):
                                                            temperature=0.0, stream=True) as raw:
         streamed = "".join(chunk.choices[0].text for chunk in raw.parse() if chunk.choices)
         assert (streamed, raw.headers[HEADER]) == (reference["smol"], owner["smol"])
+    raw = client.chat.completions.with_raw_response.create(model="smol", messages=CHAT, max_tokens=MAX_TOKENS,
+                                                           temperature=0.0)
+    assert (raw.parse().choices[0].message.content, raw.headers[HEADER]) == (reference["smol-chat"], owner["smol"])
     time.sleep(1.5)  # a post to the board
     doc = _status(app)
     assert doc["replicas_reporting"] == 2 and doc["replicas_expected"] == 2
