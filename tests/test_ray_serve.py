@@ -3,12 +3,14 @@ replicas over 3 models (the real SmolLM2-135M-Instruct and two random models wit
 under a device budget that fits one model at a time and owning at most 2, talked to over HTTP with the
 official `openai` client and httpx through Ray's HTTP proxy.
 
-Checked: /v1/models; greedy answers equal a single `tidal.Engine`'s for every model; a model's requests keep
-going to the replica that owns it (affinity); a replica that owns two models preempts and resumes them inside
-(tidal's level) instead of loading anew; a model Ray's LRU takes from a replica is removed from its scheduler
-and loads anew when it comes back (Ray's level, a second application); /v1/tidal/status and /metrics aggregate
-both replicas, labelled by replica; killing a replica's process while requests are answered (streamed or whole) ends each of them, completed
-or failed with a clear error, none hanging, and Ray brings the replica back; everything shuts down at the end."""
+Checked: /v1/models; greedy answers (completions, streamed or not, and a chat) equal a single `tidal.Engine`'s
+for every model; a model's requests keep going to the replica that owns it (affinity); a replica that owns two
+models preempts and resumes them inside (tidal's level) instead of loading anew; a model Ray's LRU takes from a
+replica is removed from its scheduler and loads anew when it comes back (Ray's level, a second application);
+/v1/tidal/status and /metrics aggregate both replicas, labelled by replica; killing a replica's process while
+requests are answered (streamed or whole) ends each of them, completed or failed with a clear error, none
+hanging, and Ray brings the replica back; everything shuts down at the end; `tidal serve --ray` and `serve run`
+with the Serve config file of docs/SCALING.md serve and stop."""
 import concurrent.futures
 import dataclasses
 import os
@@ -273,7 +275,7 @@ def test_everything_shuts_down(app):
         httpx.get(app["base"] + "/health", timeout=5)
 
 
-def _answers_until(proc, base: str, reference: str, stop: int) -> None:
+def _serves_then_stops(proc, base: str, reference: str, stop: int) -> None:
     """Wait for the server `proc` started to answer at `base`, check one greedy completion of rand0 against
     `reference`, send it `stop`, and check that it exits 0 and that nothing answers at `base` afterwards."""
     try:
@@ -305,7 +307,7 @@ def test_the_command_serves_and_exits_0_on_sigterm(app, reference):
     cmd = [sys.executable, "-m", "tidal", "serve", "--ray", "--replicas", "1", "--model", f"rand0={m.path}",
            "--kv-cache", str(RAND_KV), "--device", "cpu", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    _answers_until(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGTERM)
+    _serves_then_stops(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGTERM)
 
 
 def test_the_documented_serve_config_runs_with_serve_run(app, reference, tmp_path):
@@ -332,4 +334,4 @@ def test_the_documented_serve_config_runs_with_serve_run(app, reference, tmp_pat
     serve_cli = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_cli), "run", "tidal-serve.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    _answers_until(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGINT)
+    _serves_then_stops(proc, f"http://127.0.0.1:{port}", reference["rand0"], signal.SIGINT)

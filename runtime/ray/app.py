@@ -39,10 +39,9 @@ def build_app(config, ray_config):
 def build(args: dict):
     """`serve run tidal.ray.app:build config=serve.toml [replicas=N]`: the application of the config file's
     models, server settings and [ray] table (the flags `serve run` passes override the table)."""
+    from ..errors import ConfigError
     from ..serve import config as serve_config
     from . import config as ray_config
-
-    from ..errors import ConfigError
 
     usage = "tidal.ray.app:build takes config=FILE [replicas=N] [max_models_per_replica=K]"
     unknown = sorted(set(args) - {"config", "replicas", "max_models_per_replica"})
