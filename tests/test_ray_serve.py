@@ -9,7 +9,8 @@ models preempts and resumes them inside (tidal's level) instead of loading anew;
 replica is removed from its scheduler and loads anew when it comes back (Ray's level, a second application);
 /v1/tidal/status and /metrics aggregate both replicas, labelled by replica; killing a replica's process while
 requests are answered (streamed or whole) ends each of them, completed or failed with a clear error, none
-hanging, and Ray brings the replica back; everything shuts down at the end; `tidal serve --ray` and `serve run`
+hanging, and Ray brings the replica back, as when the process is killed while the replica loads a model;
+everything shuts down at the end; `tidal serve --ray` and `serve run`
 with the Serve config file of docs/SCALING.md serve and stop."""
 import concurrent.futures
 import dataclasses
@@ -247,6 +248,43 @@ def test_a_killed_replica_fails_or_finishes_every_request_and_comes_back(app, cl
     assert text == reference["smol"]
     doc = _status(app, until=lambda d: d["replicas_reporting"] == 2 and owner not in d["replicas"], timeout=60)
     assert doc["replicas_reporting"] == 2 and owner not in doc["replicas"], sorted(doc["replicas"])
+
+
+def test_a_replica_killed_while_it_loads_a_model_fails_or_finishes_every_request_and_comes_back(app, reference):
+    """A second application, one replica: requests for SmolLM2 make Ray give it the model, and the replica's
+    process is killed as soon as it reports owning the model, while the model loads (its first load reads
+    540 MB and prefills; the status poll takes milliseconds)."""
+    config = ServeConfig((app["models"]["smol"],), device="cpu", policy="lru", warmup=False, log_level="warning")
+    serve.run(build_app(config, RayConfig(replicas=1, max_models_per_replica=1, num_cpus=0, app_name="load")),
+              name="load", route_prefix="/load")
+    base = app["base"] + "/load"
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(_ask, base, "smol", stream) for stream in (True, False, False)]
+            deadline = time.monotonic() + 60
+            while True:  # the replica posts as soon as it owns the model, before the scheduler loads it
+                doc = httpx.get(base + "/v1/tidal/status", timeout=30).json()
+                if doc["owners"].get("smol"):
+                    break
+                assert time.monotonic() < deadline, doc
+                time.sleep(0.02)
+            (replica,) = doc["replicas"].values()
+            os.kill(replica["actor"]["pid"], signal.SIGKILL)
+            outcomes = [f.result(timeout=90) for f in futures]  # none hangs
+        assert any(o != "ok" for o in outcomes), outcomes  # the kill met the load
+        for o in outcomes:
+            assert o == "ok" or o.startswith("error:") and "replica" in o.lower(), outcomes
+        deadline = time.monotonic() + 60
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        while True:  # Ray restarts the replica, which loads the model anew
+            try:
+                assert _complete(client, "smol")[0] == reference["smol"]
+                break
+            except openai.APIError:
+                assert time.monotonic() < deadline, "the model did not come back"
+                time.sleep(0.5)
+    finally:
+        serve.delete("load")
 
 
 def test_ray_config_from_the_serve_file(tmp_path, capsys):
