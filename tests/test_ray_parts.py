@@ -13,6 +13,7 @@ from tidal.errors import ConfigError
 from tidal.ray.app import build
 from tidal.ray.asgi import call
 from tidal.ray.metrics import merge
+from tidal.ray.router import _reason
 from tidal.serve.metrics import ServeMetrics
 
 
@@ -95,3 +96,17 @@ def test_the_builder_takes_the_config_file_and_checks_its_arguments(tmp_path):
                         ({"config": str(tmp_path / "none.toml")}, "none.toml")):
         with pytest.raises(ConfigError, match=match):
             build(args)
+
+
+def test_a_replicas_failure_is_told_in_its_first_sentence_when_long():
+    class ActorDiedError(Exception):
+        pass
+
+    essay = ("The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR. Some common "
+             "causes include: " + "(n) a cause, " * 40)
+    assert _reason(ActorDiedError("traceback line\n" + essay)) == \
+        "ActorDiedError: The actor is dead because its worker process has died."
+    assert _reason(ValueError("line one\nno model at /a/b.toml. Check the path")) == \
+        "ValueError: no model at /a/b.toml. Check the path"  # short: whole
+    assert _reason(RuntimeError("x" * 1000)) == "RuntimeError: " + "x" * 286  # no sentence: cut at the limit
+    assert _reason(RuntimeError()) == "RuntimeError: "

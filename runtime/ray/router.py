@@ -118,6 +118,11 @@ def _headers(pairs) -> dict:
     return {k: v for k, v in pairs if k.lower() != "content-length"}
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """What the client is told of a replica's failure: the exception's type and the last line of its text, cut
+    to its first sentence when longer than `limit` (Ray's errors end in a paragraph of possible causes)."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1].strip() if lines else ""
+    if len(last) > limit and ". " in last:
+        last = last[:last.index(". ") + 1]
+    return f"{type(exc).__name__}: {last}"[:limit]
