@@ -10,8 +10,8 @@ replica is removed from its scheduler and loads anew when it comes back (Ray's l
 /v1/tidal/status and /metrics aggregate both replicas, labelled by replica; killing a replica's process while
 requests are answered (streamed or whole) ends each of them, completed or failed with a clear error, none
 hanging, and Ray brings the replica back, as when the process is killed while the replica loads a model;
-everything shuts down at the end; `tidal serve --ray` and `serve run`
-with the Serve config file of docs/SCALING.md serve and stop."""
+everything shuts down at the end; `tidal serve --ray`, and `serve run` with the Serve config file of
+docs/SCALING.md, serve and stop."""
 import concurrent.futures
 import dataclasses
 import os
