@@ -24,7 +24,8 @@ from tidal.study.hf import free, sync
 CONTEXT = 128
 
 
-def _load(path, device, dtype):
+def load_hf(path, device, dtype):
+    """The checkpoint as a transformers model on `device` (straight onto a GPU with `device_map`)."""
     from transformers import AutoModelForCausalLM
 
     kw = {} if device == "cpu" else {"device_map": device}
@@ -93,7 +94,7 @@ def _accelerate_rows(path, m, g, ctx, result) -> None:
         est = _estimate_if_it_fits(m, "accelerate", f, g, ctx, result)
         if est is None:
             continue
-        model = _load(path, "cpu", dtype_for(ctx.device))
+        model = load_hf(path, "cpu", dtype_for(ctx.device))
         streamed = tidal.ResidencyPlan.from_fraction(m.layers, f).streamed_layers
         accelerate_offload(model, streamed, device=ctx.device)
         step = decode_step_time(model, ctx.device, g["steps"], time.monotonic() + 2 * est)
@@ -160,7 +161,7 @@ def run(ctx) -> dict:
         if not ctx.fits(gpu_plan.hf_load_s(m, ctx.rates) + first):
             result["notes"].append(f"{m.label}: not run, {ctx.seconds_left():.0f} s left")
             continue
-        model = _load(path, ctx.device, dtype_for(ctx.device))
+        model = load_hf(path, ctx.device, dtype_for(ctx.device))
         try:
             _tidal_rows(model, m, g, ctx, result)
         finally:

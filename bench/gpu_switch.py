@@ -11,10 +11,11 @@ those of bench/ray_switch.py without Ray's HTTP layer, which adds the same few m
                  (`from_pretrained(..., device_map=device)`, the checkpoint in the page cache) and `generate`.
   rebuild-tidal  the same pattern with a tidal.Engine built anew.
 
-Each arm: `rounds` (the rebuilds on the GPU: one, for time) times B and A (the requests to A timed: each a switch; tidal's arm first asks B and A once
-each, untimed, as its first request of a model loads it), then A twice more (no switch); one 16-token prompt,
-one new token. On the GPU grid rebuild-tidal is left out for time (bench/ray_switch.py has it). Target: tidal's median switch at least
-gpu_report.SWITCH_VS_REBUILD times shorter than rebuild-hf's. Arms are started only when their estimate
+Each arm: `rounds` (the rebuilds on the GPU: one, for time) times B and A (the requests to A timed: each a
+switch; tidal's arm first asks B and A once each, untimed, as its first request of a model loads it), then A
+twice more (no switch); one 16-token prompt, one new token. On the GPU grid rebuild-tidal is left out for time
+(bench/ray_switch.py has it). Target: tidal's median switch at least gpu_report.SWITCH_VS_REBUILD times
+shorter than rebuild-hf's. Arms are started only when their estimate
 (gpu_plan.switch_arm_s) fits in the time left.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 import gpu_plan
 from gpu_engine import dtype_for
 from gpu_report import SWITCH_VS_REBUILD
-from tidal.study.hf import free, sync
+from gpu_streaming import load_hf
+from tidal.study.hf import free, quiet_loads, sync
 
 PROMPT = [1] + [(7 * i + 3) % 500 + 2 for i in range(15)]  # 16 ids inside every preset's vocabulary
 KV_BYTES = {"gpu": 1 << 30, "quick": 16 << 20}
@@ -81,15 +83,8 @@ def _rebuild(kind: str, paths: dict, ctx, kv: int, rounds: int):
 
             return tidal.Engine.from_pretrained(path, device=ctx.device, dtype=dtype_for(ctx.device),
                                                 kv_cache_bytes=kv)
-        from transformers import AutoModelForCausalLM
-
-        from tidal.study.hf import quiet_loads
-
         with quiet_loads():
-            if torch.device(ctx.device).type == "cuda":
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_for(ctx.device),
-                                                            device_map=ctx.device).eval()
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_for(ctx.device)).eval()
+            return load_hf(path, ctx.device, dtype_for(ctx.device))
 
     def drop() -> None:  # Ray's eviction: the model object goes, and its memory with it
         old = held.pop("model", None)
